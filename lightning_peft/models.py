@@ -214,7 +214,9 @@ def quantization_config(
     try:
         return BitsAndBytesConfig(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"`quantization_options`={options!r} are not valid BitsAndBytesConfig arguments: {err}")
+        raise ConfigError(
+            f"`quantization_options`={options!r} are not valid BitsAndBytesConfig arguments: {err}"
+        ) from err
 
 
 def load_base_model(
@@ -283,3 +285,33 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
         linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear_types)}
     return sorted(names)
+
+
+def packed_examples_are_isolated(model: torch.nn.Module, device: Any = None, length: int = 6) -> bool:
+    """Whether examples packed into one row (position_ids restarting at 0, no attention mask) stay apart.
+
+    The same second example is packed after two different first examples; if its logits move, the attention
+    backend (or the adapter, e.g. prompt tuning) lets packed examples see each other.
+    """
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first_a, first_b, second = (torch.randint(3, vocab, (1, length), generator=generator) for _ in range(3))
+    position_ids = torch.arange(length).repeat(1, 2).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = [
+                model(
+                    input_ids=torch.cat([first, second], 1).to(device),
+                    position_ids=position_ids,
+                    use_cache=False,
+                )
+                for first in (first_a, first_b)
+            ]
+    finally:
+        model.train(was_training)
+    second_a, second_b = (out.logits[0, -length:].float() for out in outputs)
+    return bool(torch.allclose(second_a, second_b, atol=1e-4, rtol=1e-3))

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import build_tokenizer, save_tiny_model  # noqa: E402
+from tiny import build_tokenizer, save_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,278 @@
+"""PEFT configuration, injection and adapter I/O. No Lightning here: everything is testable without a Trainer.
+
+A plain mapping means `peft.LoraConfig`; a mapping with `class_path`/`init_args` (what LightningCLI writes) or a
+`peft.PeftConfig` instance selects any other method. Saved adapters are plain PEFT folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_peft.errors import ConfigError
+from lightning_peft.models import linear_module_names
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig, PeftModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES = "all-linear"
+# PEFT's own per-architecture defaults are right for these (IA3 must pair targets with feed-forward modules).
+_KEEP_PEFT_DEFAULT_TARGETS = {"IA3"}
+
+
+def build_peft_config(adapter: PeftConfig | dict[str, Any] | None) -> PeftConfig:
+    """Turn the `adapter` setting into a `PeftConfig` for causal LMs, with `target_modules` defaulting to all-linear.
+
+    Args:
+        adapter: None (LoRA with PEFT's defaults), a mapping of `LoraConfig` fields, a mapping with
+            `class_path` (e.g. "peft.AdaLoraConfig" or "IA3Config") and `init_args`, or a `PeftConfig`.
+
+    Raises:
+        ConfigError: unknown class or fields, or values PEFT rejects.
+    """
+    from peft import LoraConfig, PeftConfig
+
+    if isinstance(adapter, PeftConfig):
+        config = dataclasses.replace(adapter)
+    elif adapter is None or isinstance(adapter, dict):
+        adapter = dict(adapter or {})
+        if "class_path" in adapter:
+            config = _instantiate(_config_class(adapter.pop("class_path")), adapter.pop("init_args", None) or {})
+            if adapter:
+                raise ConfigError(
+                    f"`adapter` has keys {sorted(adapter)} beside class_path/init_args; move them into init_args."
+                )
+        else:
+            config = _instantiate(LoraConfig, adapter)
+    else:
+        raise ConfigError(
+            f"`adapter` must be a mapping of LoraConfig fields, class_path/init_args or a peft config, got {type(adapter).__name__}."
+        )
+    if config.task_type is None:
+        config.task_type = "CAUSAL_LM"
+    if getattr(config, "target_modules", "absent") is None and _peft_type(config) not in _KEEP_PEFT_DEFAULT_TARGETS:
+        config.target_modules = DEFAULT_TARGET_MODULES
+    return config
+
+
+def _config_class(class_path: str) -> type:
+    import peft
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else getattr(peft, name)
+    except (ImportError, AttributeError):
+        known = ", ".join(n for n in dir(peft) if n.endswith("Config") and n != "PeftConfig")
+        raise ConfigError(
+            f"`adapter.class_path`={class_path!r} is not a peft config class; use one of: {known}."
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, peft.PeftConfig)):
+        raise ConfigError(f"`adapter.class_path`={class_path!r} is not a subclass of peft.PeftConfig.")
+    return cls
+
+
+def _instantiate(cls: type, kwargs: dict[str, Any]) -> PeftConfig:
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ConfigError(
+            f"`adapter` has fields {unknown} that {cls.__name__} does not know; valid fields: {', '.join(sorted(fields))}."
+        )
+    # AdaLoRA refuses a config without `total_step`; the module fills it from `trainer.max_steps` later.
+    defer_total_step = cls.__name__ == "AdaLoraConfig" and kwargs.get("total_step") is None
+    try:
+        config = cls(**{**kwargs, "total_step": 1}) if defer_total_step else cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"`adapter` ({cls.__name__}) is invalid: {err}") from err
+    if defer_total_step:
+        config.total_step = None
+    return config
+
+
+def _peft_type(config: PeftConfig) -> str:
+    peft_type = config.peft_type
+    return peft_type.value if isinstance(peft_type, enum.Enum) else str(peft_type)
+
+
+def is_prompt_learning(config: PeftConfig) -> bool:
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def config_to_dict(config: PeftConfig) -> dict[str, Any]:
+    """A JSON-safe `class_path`/`init_args` mapping that `build_peft_config` turns back into the same config."""
+    init_args = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.init and field.name not in ("peft_type", "peft_version") and value != _default(field):
+            init_args[field.name] = _jsonable(value)
+    return {"class_path": f"peft.{type(config).__name__}", "init_args": init_args}
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return _jsonable(dataclasses.asdict(value))
+    return value
+
+
+def check_targets(model: torch.nn.Module, config: PeftConfig) -> None:
+    """Fail before training when `target_modules` names something the model does not have.
+
+    PEFT only errors when *no* target matches; a typo beside a valid name would be dropped silently.
+    """
+    targets = getattr(config, "target_modules", None)
+    if targets is None or targets == DEFAULT_TARGET_MODULES:
+        return
+    module_names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        missing = [] if any(re.fullmatch(targets, name) for name in module_names) else [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in module_names)]
+    if missing:
+        raise ConfigError(
+            f"`adapter.target_modules` {missing} match no module of the model; its linear layers are: "
+            f"{', '.join(linear_module_names(model))} (or use 'all-linear')."
+        )
+
+
+def inject_adapter(
+    model: torch.nn.Module,
+    config: PeftConfig,
+    *,
+    quantized: bool = False,
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """Wrap `model` in a trainable `PeftModel`, preparing k-bit models and gradient checkpointing first."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_targets(model, config)
+    checkpointing_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        # Frozen embeddings give activations without grad; checkpointed blocks then need inputs that require it.
+        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        if "target" in str(err).lower():
+            raise ConfigError(
+                f"`adapter.target_modules`={getattr(config, 'target_modules', None)!r}: {err}. The model's linear "
+                f"layers are: {', '.join(linear_module_names(model))}."
+            ) from err
+        raise ConfigError(f"`adapter` ({type(config).__name__}) cannot be applied to this model: {err}") from err
+
+
+def adapter_state_keys(peft_model: torch.nn.Module, adapter_name: str = "default") -> set[str]:
+    """The `state_dict` keys that make up the adapter: trainable parameters and the adapter's own buffers.
+
+    Frozen base weights (and bitsandbytes quantization state) are excluded; PEFT puts the adapter name in
+    the key of every adapter tensor (`lora_A.default.weight`, `ranknum.default`, `prompt_encoder.default...`).
+    """
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    marker = f".{adapter_name}."
+    owned = {k for k in peft_model.state_dict() if marker in k or k.endswith(f".{adapter_name}")}
+    return trainable | owned
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values are packed in each uint8
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def adapter_regularization(peft_model: PeftModel) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality penalty, which PEFT adds only when the model computes the loss itself."""
+    import torch
+
+    config = peft_model.peft_config[peft_model.active_adapter]
+    weight = getattr(config, "orth_reg_weight", 0.0)
+    if _peft_type(config) != "ADALORA" or weight <= 0:
+        return None
+    penalties = []
+    for name, param in peft_model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and peft_model.active_adapter in name and param.numel():
+            cov = param @ param.T if "lora_A" in name else param.T @ param
+            penalties.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)))
+    return weight * torch.stack(penalties).mean() if penalties else None
+
+
+def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, tokenizer: Any | None = None) -> Path:
+    """Write a plain PEFT adapter folder atomically: a crash never leaves a half-written `directory`.
+
+    Returns:
+        The folder holding adapter_config.json, adapter_model.safetensors and the tokenizer files.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        peft_model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_adapter(base_model: torch.nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False) -> PeftModel:
+    """Load a PEFT adapter folder onto `base_model`, refusing pickle-only weights."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise ConfigError(f"{directory} is not a PEFT adapter folder: adapter_config.json is missing.")
+    if not (directory / "adapter_model.safetensors").is_file():
+        raise ConfigError(
+            f"{directory} has no adapter_model.safetensors; pickle weights (.bin) are never loaded — convert them "
+            "with PEFT in a trusted environment first."
+        )
+    return PeftModel.from_pretrained(base_model, directory, is_trainable=is_trainable)

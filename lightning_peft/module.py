@@ -1,0 +1,350 @@
+"""`PeftCausalLM`: a thin LightningModule around a (quantizable) transformers causal LM with a PEFT adapter.
+
+Subclass it and override the documented hooks — `load_base_model`, `build_adapter`, `compute_loss` — to change
+how the base is loaded, how the adapter is built or what is optimized.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+import torchmetrics
+from peft import PeftConfig
+from torch.nn.modules.module import _IncompatibleKeys
+from typing_extensions import override
+
+from lightning_peft import adapters
+from lightning_peft.errors import ConfigError
+from lightning_peft.models import (
+    DEFAULT_MODEL,
+    dtype_for_precision,
+    load_base_model,
+    load_tokenizer,
+    packed_examples_are_isolated,
+)
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
+Scheduler = Literal["cosine", "linear", "constant"]
+AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
+
+
+class PeftCausalLM(L.LightningModule):
+    """Fine-tune a causal LM with any PEFT method; checkpoints hold the adapter only.
+
+    Args:
+        model_name_or_path: A built-in alias (`smollm2-135m-instruct`), a local model folder or a Hub id.
+        quantization: Load the frozen base in 4-bit (QLoRA: NF4 + double quantization) or 8-bit with
+            bitsandbytes, or unquantized.
+        quantization_options: Extra or overriding `transformers.BitsAndBytesConfig` arguments, e.g.
+            `{bnb_4bit_quant_type: fp4}` or `{bnb_4bit_quant_storage: bfloat16}`.
+        adapter: LoraConfig fields as a mapping (`{r: 16, lora_alpha: 32, use_dora: true}`), or
+            `class_path`/`init_args` for any peft config (AdaLoraConfig, IA3Config, LoHaConfig, PromptTuningConfig
+            ...). `target_modules` defaults to `all-linear`.
+        learning_rate: Peak learning rate.
+        weight_decay: AdamW weight decay, applied to matrices only.
+        optimizer: `adamw` (torch), or bitsandbytes' `adamw_8bit`, `paged_adamw`, `paged_adamw_8bit`.
+        lr_scheduler: Shape of the schedule after warmup.
+        warmup_steps: Linear warmup steps; overrides `warmup_ratio` when positive.
+        warmup_ratio: Warmup as a fraction of all optimizer steps.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        attn_implementation: transformers attention backend.
+        revision: Model revision when loading from the Hub.
+        trust_remote_code: Allow model code from the Hub (only for models you trust).
+        adapter_dir: Where the final adapter goes at the end of fit; default `<trainer.log_dir>/adapter`.
+        save_adapter_on_fit_end: Write the final adapter (plain PEFT format) when fit ends.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        quantization: Literal["none", "8bit", "4bit"] = "none",
+        quantization_options: dict[str, Any] | None = None,
+        adapter: PeftConfig | dict[str, Any] | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        optimizer: Optimizer = "adamw",
+        lr_scheduler: Scheduler = "cosine",
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        attn_implementation: AttnImplementation | None = "sdpa",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        adapter_dir: str | None = None,
+        save_adapter_on_fit_end: bool = True,
+    ) -> None:
+        super().__init__()
+        self.peft_config = adapters.build_peft_config(adapter)
+        _validate(locals())
+        self.save_hyperparameters(ignore=["adapter"])
+        # Checkpoints reload hparams: keep the adapter as plain data, never a pickled peft object.
+        self.hparams["adapter"] = adapters.config_to_dict(self.peft_config)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.train_loss, self.train_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+        self.val_loss, self.val_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+        self.test_loss, self.test_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+
+    # ---- hooks meant to be overridden ------------------------------------------------------------------------
+
+    def load_base_model(self) -> torch.nn.Module:
+        """Load the frozen base model. Override to load it differently (another class, extra kwargs ...)."""
+        hp = self.hparams
+        return load_base_model(
+            hp.model_name_or_path,
+            quantization=hp.quantization,
+            quantization_options=hp.quantization_options,
+            dtype=self.base_dtype,
+            attn_implementation=hp.attn_implementation,
+            revision=hp.revision,
+            trust_remote_code=hp.trust_remote_code,
+        )
+
+    def build_adapter(self, base_model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap the base in a PEFT model. Override to add adapters, freeze more or inject differently."""
+        config = self.peft_config
+        if getattr(config, "total_step", "absent") is None:  # AdaLoRA needs its schedule length up front.
+            config.total_step = self._max_steps_for_adalora()
+        return adapters.inject_adapter(
+            base_model,
+            config,
+            quantized=self.hparams.quantization != "none",
+            gradient_checkpointing=self.hparams.gradient_checkpointing,
+        )
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy over supervised tokens (labels != -100). Override for another loss.
+
+        Args:
+            logits: (batch, time, vocab) model outputs.
+            labels: (batch, time) target ids, not shifted; -100 marks tokens without loss.
+            batch: the whole batch, for losses that need more (weights, rewards ...).
+        """
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    # ---- model construction --------------------------------------------------------------------------------
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """Dtype of the frozen weights and the 4-bit compute: follows the trainer's precision (fp32 on CPUs)."""
+        precision = self._trainer.precision if self._trainer is not None else None
+        return dtype_for_precision(precision)
+
+    @override
+    def configure_model(self) -> None:
+        """Load the base and inject the adapter once; Lightning calls this inside the strategy's context."""
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(
+            self.hparams.model_name_or_path,
+            revision=self.hparams.revision,
+            trust_remote_code=self.hparams.trust_remote_code,
+        )
+        self.model = self.build_adapter(self.load_base_model())
+
+    def _max_steps_for_adalora(self) -> int:
+        if self._trainer is not None and self._trainer.max_steps > 0:
+            return self._trainer.max_steps
+        raise ConfigError(
+            "AdaLoRA needs the number of training steps: set `adapter.init_args.total_step` or `trainer.max_steps`."
+        )
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+
+    @override
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        # The KV cache would make packed examples attend to each other (NOTES.md): always off in training.
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        return self.model(**inputs, use_cache=False)
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], loss_metric, acc_metric) -> torch.Tensor:
+        labels = batch["labels"]
+        # Prompt tuning and P-tuning return logits for their virtual tokens too: keep the real positions.
+        logits = self(batch).logits[:, -labels.shape[1] :]
+        loss = self.compute_loss(logits, labels, batch)
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        n_tokens = supervised.sum()
+        correct = ((logits[:, :-1].argmax(-1) == targets) & supervised).sum()
+        loss_metric.update(loss.detach(), weight=n_tokens)
+        acc_metric.update(correct / n_tokens.clamp(min=1), weight=n_tokens)
+        return loss
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, self.train_loss, self.train_acc)
+        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        penalty = adapters.adapter_regularization(self.model)
+        return loss if penalty is None else loss + penalty
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, self.val_loss, self.val_acc)
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, self.test_loss, self.test_acc)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_loss, self.val_acc)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_loss, self.test_acc)
+
+    def _log_eval(self, stage: str, loss_metric, acc_metric) -> None:
+        # MeanMetric.compute() already reduces across processes, token-weighted.
+        loss = loss_metric.compute()
+        metrics = {
+            f"{stage}_loss": loss,
+            f"{stage}_ppl": torch.exp(loss),
+            f"{stage}_acc": acc_metric.compute(),
+        }
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+        loss_metric.reset()
+        acc_metric.reset()
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # AdaLoRA reallocates ranks after each optimizer step while the gradients are still there. Not in
+        # on_before_zero_grad: Lightning runs that between forward and backward, where masking weights in place
+        # would break autograd.
+        allocate = getattr(self.model.base_model, "update_and_allocate", None)
+        if allocate is not None and self.global_step != getattr(self, "_allocated_at_step", 0):
+            self._allocated_at_step = self.global_step
+            allocate(self.global_step - 1)
+
+    # ---- optimization ------------------------------------------------------------------------------------------
+
+    @override
+    def configure_optimizers(self) -> Any:
+        from lightning_peft.optim import build_optimizer, build_scheduler
+
+        hp = self.hparams
+        optimizer = build_optimizer(hp.optimizer, self.model, hp.learning_rate, hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total)
+        scheduler = build_scheduler(hp.lr_scheduler, optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: the adapter only ----------------------------------------------------------------------
+
+    def adapter_state_keys(self) -> set[str]:
+        """Keys of this module's `state_dict` that belong to the adapter (everything else is the frozen base)."""
+        return {f"model.{k}" for k in adapters.adapter_state_keys(self.model)}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.adapter_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load an adapter-only state dict; with `strict`, every adapter tensor must be there (the base never is)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        adapter_keys = self.adapter_state_keys()
+        missing = [k for k in result.missing_keys if k in adapter_keys]
+        if strict and (missing or result.unexpected_keys):
+            raise ConfigError(
+                f"The checkpoint does not fit this adapter: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}; resume with the same `model.adapter` settings it was trained with."
+            )
+        return _IncompatibleKeys(missing, result.unexpected_keys)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self) -> None:
+        trainable, total = adapters.count_parameters(self.model)
+        if self.trainer.is_global_zero:
+            log.info(
+                "%s on %s: trainable params %s of %s (%.4f%%)",
+                type(self.peft_config).__name__,
+                self.hparams.model_name_or_path,
+                f"{trainable:,}",
+                f"{total:,}",
+                100 * trainable / max(total, 1),
+            )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "packing", False):
+            self.check_packing_isolation()
+
+    @override
+    def on_fit_end(self) -> None:
+        if self.hparams.save_adapter_on_fit_end:
+            self.final_adapter_dir = self.save_adapter(
+                self.hparams.adapter_dir or Path(self.trainer.log_dir) / "adapter"
+            )
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter in plain PEFT format (with the tokenizer) from global rank zero; return the folder."""
+        directory = Path(directory)
+        if self._trainer is None or self.trainer.is_global_zero:
+            adapters.save_adapter(self.model, directory, self.tokenizer)
+            log.info("Adapter saved to %s", directory)
+        return directory
+
+    def check_packing_isolation(self) -> None:
+        """Refuse packing when this model/backend lets packed examples see each other.
+
+        Two examples are packed twice, with the first one changed: the second one's logits must not move.
+        """
+        if not packed_examples_are_isolated(self.model, device=self.device):
+            raise ConfigError(
+                f"`data.packing: true` is not safe with this model: with "
+                f"attn_implementation={self.hparams.attn_implementation!r} and {type(self.peft_config).__name__} "
+                "packed examples attend to each other. Set `data.packing: false` or use an attention backend "
+                "that honours position_ids (sdpa, eager, flex_attention, flash_attention_2)."
+            )
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 64, **kwargs: Any) -> str:
+        """Generate a reply to `prompt` (plain text, or chat messages rendered with the chat template); greedy by default."""
+        self.configure_model()
+        if isinstance(prompt, str) and self.tokenizer.chat_template:
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list):
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            encoded = self.tokenizer(prompt, return_tensors="pt")
+        encoded = encoded.to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            kwargs.setdefault("do_sample", False)
+            output = self.model.generate(
+                **encoded, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs
+            )
+        finally:
+            self.model.train(was_training)
+        return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _validate(args: dict[str, Any]) -> None:
+    """Check every scalar setting at once so a config with several mistakes is fixed in one go."""
+    problems = []
+    if not args["learning_rate"] > 0:
+        problems.append(f"`learning_rate`={args['learning_rate']!r} must be > 0")
+    if args["weight_decay"] < 0:
+        problems.append(f"`weight_decay`={args['weight_decay']!r} must be >= 0")
+    if args["warmup_steps"] < 0:
+        problems.append(f"`warmup_steps`={args['warmup_steps']!r} must be >= 0")
+    if not 0 <= args["warmup_ratio"] < 1:
+        problems.append(f"`warmup_ratio`={args['warmup_ratio']!r} must be in [0, 1)")
+    if args["quantization"] not in ("none", "8bit", "4bit"):
+        problems.append(f"`quantization`={args['quantization']!r} must be one of none, 8bit, 4bit")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
