@@ -151,6 +151,8 @@ class PeftCausalLM(L.LightningModule):
             trust_remote_code=self.hparams.trust_remote_code,
         )
         self.model = self.build_adapter(self.load_base_model())
+        # from_pretrained returns the base in eval mode; adapter dropout must be active while training.
+        self.model.train()
 
     def _max_steps_for_adalora(self) -> int:
         if self._trainer is not None and self._trainer.max_steps > 0:
@@ -308,6 +310,20 @@ class PeftCausalLM(L.LightningModule):
                 "packed examples attend to each other. Set `data.packing: false` or use an attention backend "
                 "that honours position_ids (sdpa, eager, flex_attention, flash_attention_2)."
             )
+
+    @torch.no_grad()
+    def evaluate(self, dataloader: Any) -> dict[str, float]:
+        """Loss, perplexity and token accuracy over `dataloader`, outside the Trainer loops (used for reports)."""
+        loss, acc = torchmetrics.MeanMetric().to(self.device), torchmetrics.MeanMetric().to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in dataloader:
+                self._shared_step({k: v.to(self.device) for k, v in batch.items()}, loss, acc)
+        finally:
+            self.model.train(was_training)
+        mean_loss = float(loss.compute())
+        return {"loss": mean_loss, "ppl": math.exp(mean_loss), "acc": float(acc.compute())}
 
     @torch.no_grad()
     def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 64, **kwargs: Any) -> str:
