@@ -92,12 +92,20 @@ def _instantiate(cls: type, kwargs: dict[str, Any]) -> PeftConfig:
     # AdaLoRA refuses a config without `total_step`; the module fills it from `trainer.max_steps` later.
     defer_total_step = cls.__name__ == "AdaLoraConfig" and kwargs.get("total_step") is None
     try:
-        config = cls(**{**kwargs, "total_step": 1}) if defer_total_step else cls(**kwargs)
+        config = cls(**{**kwargs, "total_step": 10**9}) if defer_total_step else cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"`adapter` ({cls.__name__}) is invalid: {err}") from err
     if defer_total_step:
         config.total_step = None
     return config
+
+
+def with_total_step(config: PeftConfig, total_step: int) -> PeftConfig:
+    """AdaLoRA's config with its schedule length filled in (and checked again by PEFT)."""
+    try:
+        return dataclasses.replace(config, total_step=total_step)
+    except ValueError as err:
+        raise ConfigError(f"`adapter` ({type(config).__name__}) with total_step={total_step}: {err}") from err
 
 
 def _peft_type(config: PeftConfig) -> str:

@@ -19,6 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
 from lightning_peft import adapters
+from lightning_peft.data.tokenization import IGNORE_INDEX
 from lightning_peft.errors import ConfigError
 from lightning_peft.models import (
     DEFAULT_MODEL,
@@ -30,7 +31,6 @@ from lightning_peft.models import (
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant"]
 AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
@@ -112,7 +112,7 @@ class PeftCausalLM(L.LightningModule):
         """Wrap the base in a PEFT model. Override to add adapters, freeze more or inject differently."""
         config = self.peft_config
         if getattr(config, "total_step", "absent") is None:  # AdaLoRA needs its schedule length up front.
-            config.total_step = self._max_steps_for_adalora()
+            config = adapters.with_total_step(config, self._max_steps_for_adalora())
         return adapters.inject_adapter(
             base_model,
             config,

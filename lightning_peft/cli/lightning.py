@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -33,13 +34,20 @@ class LpeftCLI(LightningCLI):
 
 
 def run_lightning_cli(args: list[str]) -> LightningCLI:
-    return LpeftCLI(
-        PeftCausalLM,
-        SFTDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lpeft", "default_env": False},
-        auto_configure_optimizers=False,
-    )
+    """Run LightningCLI on `args` (a subcommand and its options), as `lpeft <subcommand>` does."""
+    # LightningCLI warns when sys.argv also holds arguments; under `lpeft` they are the same ones.
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return LpeftCLI(
+            PeftCausalLM,
+            SFTDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lpeft", "default_env": False},
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = argv

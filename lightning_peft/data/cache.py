@@ -1,0 +1,135 @@
+"""The on-disk cache of tokenized data files, so a second run (and every DDP rank after the first) skips tokenizing.
+
+An entry is one safetensors file of flat integer arrays (never a pickle) named by the sha256 of everything that
+changes the result: the data bytes, the format settings, the tokenizer and `CACHE_VERSION`. Entries are written to a
+temporary file and renamed, so a crash never leaves half a file, and a file lock lets one process tokenize while
+the others wait for its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_peft.data.readers import require_exists
+from lightning_peft.data.tokenization import TokenizedData
+
+log = logging.getLogger(__name__)
+
+# Bump whenever the arrays or the labelling rules change, so old entries are no longer found.
+CACHE_VERSION = 1
+_ARRAYS = ("input_ids", "labels", "offsets", "record_index", "truncated", "dropped")
+
+
+def cache_dir() -> Path:
+    """`$LPEFT_DATA_CACHE`, else the `data` folder under `lightning_peft.models.cache_root()`."""
+    if os.environ.get("LPEFT_DATA_CACHE"):
+        return Path(os.environ["LPEFT_DATA_CACHE"])
+    from lightning_peft.models import cache_root
+
+    return cache_root() / "data"
+
+
+def cached(
+    path: str | Path, settings: Mapping[str, Any], tokenizer: Any, build: Callable[[], TokenizedData]
+) -> TokenizedData:
+    """The cached result for these inputs, or `build()`'s result, stored for the next run."""
+    from filelock import FileLock
+
+    target = cache_dir() / f"{cache_key(path, settings, tokenizer)}.safetensors"
+    data = _load(target)
+    if data is None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # DDP ranks run setup together: the first one tokenizes, the others then find its file.
+        with FileLock(str(target) + ".lock"):
+            data = _load(target)
+            if data is None:
+                data = build()
+                _save(target, data)
+                log.debug("Cached the tokenized %s in %s", Path(path).name, target)
+                return data
+    log.debug("Loaded the tokenized %s from the cache (%s)", Path(path).name, target)
+    data.from_cache = True
+    return data
+
+
+def cache_key(path: str | Path, settings: Mapping[str, Any], tokenizer: Any) -> str:
+    """sha256 over the data's bytes, the settings, the tokenizer's fingerprint and the cache version."""
+    digest = hashlib.sha256()
+    digest.update(f"lightning-peft data cache v{CACHE_VERSION}\0".encode())
+    digest.update(source_digest(path).encode())
+    digest.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    return digest.hexdigest()
+
+
+def source_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of every file (relative name and bytes) in a `datasets` folder."""
+    path = require_exists(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides the tokens: vocabulary and pipeline, chat template and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "class": type(tokenizer).__name__,
+        # The backend JSON holds the vocabulary, merges, normalizer, pre-tokenizer and post-processor (BOS/EOS).
+        "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_tokens": getattr(tokenizer, "special_tokens_map", {}),
+        "added_tokens": {i: str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save(target: Path, data: TokenizedData) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = {name: np.ascontiguousarray(getattr(data, name)) for name in _ARRAYS}
+    arrays["truncated"] = arrays["truncated"].astype(np.uint8)
+    metadata = {"n_records": str(data.n_records), "format": data.format, "version": str(CACHE_VERSION)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(target: Path) -> TokenizedData | None:
+    if not target.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(target), framework="np") as handle:
+            metadata = handle.metadata() or {}
+            arrays = {name: handle.get_tensor(name) for name in _ARRAYS}
+        return TokenizedData(
+            **{name: arrays[name] for name in _ARRAYS if name != "truncated"},
+            truncated=arrays["truncated"].astype(bool),
+            n_records=int(metadata["n_records"]),
+            format=metadata["format"],
+        )
+    except Exception as err:  # a damaged entry is rebuilt rather than trusted
+        log.warning("Ignoring the unreadable data cache entry %s (%s); tokenizing again.", target, err)
+        return None

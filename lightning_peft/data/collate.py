@@ -1,0 +1,94 @@
+"""Batches: dynamic padding (each batch to its own longest row) and a length-grouped sampler.
+
+The batch contract with the LightningModule: `input_ids` and `labels` (B, T) int64, labels -100 where no loss is
+taken and not shifted; then either `attention_mask` (padded examples) or `position_ids` (packed rows, no mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from lightning_peft.data.tokenization import IGNORE_INDEX
+
+
+@dataclass
+class SFTCollator:
+    """Pads a list of dataset items into one batch of tensors.
+
+    Items with `position_ids` (packed rows) give `position_ids` and no `attention_mask`: the padding is one more
+    "example" whose positions start at 0, and as it comes after the real tokens, causal attention keeps it out of
+    them. Other items give an `attention_mask` with 0 on the padding.
+
+    Args:
+        pad_token_id: the id written into padding (its labels are -100 whatever it is).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(item["input_ids"]) for item in items]
+        shape = (len(items), max(lengths))
+        input_ids = np.full(shape, self.pad_token_id, dtype=np.int64)
+        labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+        packed = "position_ids" in items[0]
+        extra = np.zeros(shape, dtype=np.int64)  # position_ids when packed, attention_mask otherwise
+        for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            if packed:
+                extra[row, :n] = item["position_ids"]
+                extra[row, n:] = np.arange(shape[1] - n)
+            else:
+                extra[row, :n] = 1
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        batch["position_ids" if packed else "attention_mask"] = torch.from_numpy(extra)
+        return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled indices in which neighbours have similar lengths, so batches carry little padding.
+
+    Like Hugging Face's `LengthGroupedSampler`: a seeded permutation is cut into mega-chunks of
+    `batch_size * mega_batch_mult` indices, each sorted longest first, and the longest index overall is moved to
+    the very front so that an out-of-memory error shows on the first step rather than hours in. It yields plain
+    indices, so Lightning can wrap it in its `DistributedSamplerWrapper` under DDP (every rank computes the same
+    order from the seed and epoch, then takes its share), and that wrapper forwards `set_epoch`.
+
+    Args:
+        lengths: the length of each dataset item.
+        batch_size: the batch size the indices will be grouped into.
+        seed: the seed of the shuffle; the epoch is mixed in.
+        mega_batch_mult: mega-chunk size in batches; larger groups lengths better but shuffles less.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batch_mult: int = 50):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of `epoch` (Lightning calls this before each training epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        if not len(self.lengths):
+            return iter([])
+        permutation = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        size = self.batch_size * self.mega_batch_mult
+        chunks = [permutation[i : i + size] for i in range(0, len(permutation), size)]
+        # A stable sort keeps the shuffled order among equal lengths.
+        chunks = [chunk[np.argsort(-self.lengths[chunk], kind="stable")] for chunk in chunks]
+        longest = int(np.argmax([self.lengths[chunk[0]] for chunk in chunks]))
+        chunks[0][0], chunks[longest][0] = chunks[longest][0], chunks[0][0]
+        return iter(np.concatenate(chunks).tolist())

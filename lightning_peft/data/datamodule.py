@@ -1,0 +1,339 @@
+"""`SFTDataModule`: supervised fine-tuning data from a file to padded or packed batches.
+
+`setup()` reads, renders and tokenizes each file (or loads it from the cache) on every rank, splits off the
+validation examples and builds the datasets; the dataloaders then only pad. See `collate.py` for the batch format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
+
+from lightning_peft.data.collate import LengthGroupedSampler, SFTCollator
+from lightning_peft.data.formats import FIELDS, FORMATS
+from lightning_peft.data.packing import ExampleDataset, PackedDataset
+from lightning_peft.data.tokenization import TokenizedData, prepare_file
+from lightning_peft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
+
+
+class SFTDataModule(LightningDataModule):
+    """Supervised fine-tuning data: chat messages, prompt/completion pairs, Alpaca records or plain text.
+
+    Batches are dicts of (B, T) int64 tensors: `input_ids`, `labels` (-100 where no loss is taken, not shifted),
+    and `attention_mask` for padded batches or `position_ids` (restarting at 0 for each example, no mask) for
+    packed ones.
+
+    Args:
+        train_file: the training data: a JSON Lines, JSON, CSV or Parquet file, or a folder written by
+            `datasets`' `save_to_disk` (its "train" split if it holds several).
+        val_file: the validation data, in any of the same forms.
+        val_fraction: hold out this fraction of `train_file` (a seeded split) when there is no `val_file`.
+        format: how records become text: "messages" (chat, rendered with the tokenizer's chat template, loss on
+            the assistant turns), "prompt_completion" (loss on the completion), "alpaca" (instruction, optional
+            input, output; loss on the output), "text" (plain language modelling), or "auto" to detect it.
+        columns: our field name -> the file's column, e.g. {"messages": "conversations", "prompt": "question"}.
+            Fields: messages, prompt, completion, instruction, input, output, text.
+        max_length: the longest example, and with packing the longest packed row, in tokens.
+        truncation: cut longer examples to `max_length` (counted and logged); false makes them an error.
+        train_on_prompt: take the loss on every token (system, user and prompt text too), not only the answers.
+        packing: pack several examples into each row of up to `max_length` tokens, without cross-attention.
+        group_by_length: batch examples of similar length together (seeded), to pad less.
+        batch_size: examples (or packed rows) per training batch.
+        val_batch_size: per validation batch; default `batch_size`.
+        num_workers: dataloader worker processes.
+        seed: seed of the validation split and of the shuffles.
+        tokenizer: the tokenizer's model name or path (given to `lightning_peft.models.load_tokenizer`); from
+            Python a tokenizer object is accepted too. The `lpeft` CLI links it to `model.model_name_or_path`.
+        cache: keep tokenized data on disk (`$LPEFT_DATA_CACHE`) and reuse it when nothing changed.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        val_fraction: float | None = None,
+        format: DataFormat = "auto",
+        columns: dict[str, str] | None = None,
+        max_length: int = 512,
+        truncation: bool = True,
+        train_on_prompt: bool = False,
+        packing: bool = False,
+        group_by_length: bool = True,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        tokenizer: str | None = None,
+        cache: bool = True,
+    ) -> None:
+        super().__init__()
+        _validate(
+            train_file=train_file,
+            val_file=val_file,
+            val_fraction=val_fraction,
+            format=format,
+            columns=columns,
+            max_length=max_length,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+        )
+        # A tokenizer object is not a hyperparameter (and should not be pickled into checkpoints); its name is.
+        self.save_hyperparameters(ignore=None if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
+        self.train_file, self.val_file = str(train_file), None if val_file is None else str(val_file)
+        self.val_fraction = val_fraction
+        self.format, self.columns = format, dict(columns or {})
+        self.max_length, self.truncation, self.train_on_prompt = max_length, truncation, train_on_prompt
+        self.packing, self.group_by_length = packing, group_by_length
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.seed, self.cache = num_workers, seed, cache
+        self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else None
+        self._tokenizer: Any = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        if val_file is None and val_fraction is None:
+            # Lightning looks the hook up on the instance: None reads as "no validation data", so the validation
+            # loop is skipped with a clear message instead of a warning about an empty dataloader.
+            self.val_dataloader = None  # type: ignore[assignment]
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer: the object given, or the one `tokenizer` names (loaded on first use), else None."""
+        if self._tokenizer is None and self.tokenizer_name:
+            from lightning_peft.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.set_tokenizer(tokenizer)
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use this tokenizer object (before `setup`); the `tokenizer` name, if any, is then ignored."""
+        if self.train_dataset is not None and tokenizer is not self._tokenizer:
+            raise ConfigError("`tokenizer` cannot change after setup(): the data is already tokenized with another.")
+        self._tokenizer = tokenizer
+
+    @property
+    def collator(self) -> SFTCollator:
+        """The batch collator (pads with the tokenizer's pad token, else its EOS; padding is masked anyway)."""
+        tokenizer = self._require_tokenizer()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return SFTCollator(pad_token_id=int(pad or 0))
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize (or load from the cache) the training and validation data and build the datasets; once."""
+        if self.train_dataset is not None:
+            return
+        train = self._prepare(self.train_file)
+        val = self._prepare(self.val_file) if self.val_file else None
+        if self.val_fraction is not None:
+            train, val = split_train_val(train, self.val_fraction, self.seed, self.train_file)
+        elif val is not None and val.format != train.format:
+            _warn("The training data is in format %r but the validation data in %r", train.format, val.format)
+        self.stats = {"train": self._report("train", train, self.train_file)}
+        self.train_dataset = self._dataset(train, "train", shuffle=True)
+        if val is not None:
+            self.stats["val"] = self._report("val", val, self.val_file or self.train_file)
+            self.val_dataset = self._dataset(val, "val", shuffle=False)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._require_setup(self.train_dataset)
+        if self.group_by_length:
+            lengths = dataset.lengths  # type: ignore[attr-defined]
+            sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
+            return self._loader(dataset, self.batch_size, sampler=sampler)
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(dataset, self.batch_size, shuffle=True, generator=generator)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in a fixed order, longest first."""
+        if self.val_dataset is None:
+            self._require_setup(self.train_dataset)
+            return []
+        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def _prepare(self, path: str) -> TokenizedData:
+        data = prepare_file(
+            path,
+            fmt=self.format,
+            columns=self.columns,
+            max_length=self.max_length,
+            truncation=self.truncation,
+            train_on_prompt=self.train_on_prompt,
+            tokenizer=self._require_tokenizer(),
+            cache=self.cache,
+        )
+        if self.format == "auto":
+            _info("Detected the data format %r in %s", data.format, path)
+        return data
+
+    def _dataset(self, data: TokenizedData, split_name: str, shuffle: bool) -> Dataset:
+        if self.packing:
+            packed = PackedDataset(data, self.max_length)
+            self.stats[split_name].update(rows=len(packed), packing_efficiency=round(packed.efficiency, 4))
+            _info(
+                "%s: packed %d examples into %d rows of up to %d tokens; %.1f%% of the row tokens are real",
+                split_name,
+                len(data),
+                len(packed),
+                self.max_length,
+                100 * packed.efficiency,
+            )
+            return packed
+        # Validation order is fixed, longest first: less padding, and memory problems show at once.
+        order = None if shuffle else np.argsort(-data.lengths, kind="stable")
+        return ExampleDataset(data, order)
+
+    def _report(self, split_name: str, data: TokenizedData, path: str) -> dict[str, Any]:
+        stats = data.stats()
+        if not stats["examples"]:
+            raise DataError(
+                f"{path}: none of the {stats['examples_read']} {split_name} examples has a supervised token left "
+                f"(max_length={self.max_length}); raise data.max_length or check the data's answers."
+            )
+        _info(
+            "%s: %d examples from %s (format %s%s), %d tokens, %d supervised",
+            split_name,
+            stats["examples"],
+            path,
+            data.format,
+            ", tokenized by an earlier run" if data.from_cache else "",
+            stats["tokens"],
+            stats["supervised_tokens"],
+        )
+        if stats["truncated"]:
+            _warn(
+                "%d of %d %s examples were truncated to max_length=%d",
+                stats["truncated"],
+                stats["examples_read"],
+                split_name,
+                self.max_length,
+            )
+        if stats["dropped"]:
+            _warn(
+                "%d of %d %s examples were dropped: no supervised token left (after truncation to max_length=%d)",
+                stats["dropped"],
+                stats["examples_read"],
+                split_name,
+                self.max_length,
+            )
+        return stats
+
+    def _require_tokenizer(self) -> Any:
+        tokenizer = self.tokenizer
+        if tokenizer is None and self.trainer is not None:
+            # Python users may hand the tokenizer to the model only; take it from there rather than fail.
+            candidate = getattr(self.trainer.lightning_module, "tokenizer", None)
+            if candidate is not None and not isinstance(candidate, str):
+                self._tokenizer = tokenizer = candidate
+        if tokenizer is None:
+            raise ConfigError(
+                "`tokenizer`=None: the data module needs a tokenizer; set data.tokenizer to the model's name or "
+                "path, or pass a tokenizer object (SFTDataModule(..., tokenizer=tok) or set_tokenizer(tok))."
+            )
+        return tokenizer
+
+    def _require_setup(self, dataset: Dataset | None) -> Dataset:
+        if dataset is None:
+            raise RuntimeError("SFTDataModule.setup() must run before its dataloaders are asked for.")
+        return dataset
+
+
+def split_train_val(data: TokenizedData, fraction: float, seed: int, path: str) -> tuple[TokenizedData, TokenizedData]:
+    """A seeded split of one file's records into (train, val), with ceil(fraction * records) for validation.
+
+    Raises:
+        DataError: either side would hold no example.
+    """
+    n = data.n_records
+    n_val = int(np.ceil(fraction * n))
+    records = np.random.default_rng(seed).permutation(n)
+    train, val = data.select_records(records[n_val:]), data.select_records(records[:n_val])
+    if not len(train) or not len(val):
+        side = "training" if not len(train) else "validation"
+        raise DataError(
+            f"`val_fraction`={fraction} of the {n} records in {path} leaves no {side} example; "
+            "use more data, another val_fraction, or a separate val_file."
+        )
+    return train, val
+
+
+def _validate(**args: Any) -> None:
+    """Every problem with the arguments, in one ConfigError."""
+    problems = []
+    if not isinstance(args["train_file"], str | os.PathLike) or not str(args["train_file"]).strip():
+        problems.append(f"`train_file`={args['train_file']!r} must be the path of a data file or folder")
+    fraction = args["val_fraction"]
+    if fraction is not None and not (isinstance(fraction, int | float) and 0 < fraction < 1):
+        problems.append(f"`val_fraction`={fraction!r} must be a number between 0 and 1 (both excluded)")
+    if args["val_file"] and fraction is not None:
+        problems.append(
+            f"`val_file`={args['val_file']!r} and `val_fraction`={fraction!r} were both given; "
+            "give a validation file or a fraction of train_file to hold out, not both"
+        )
+    if args["format"] not in ("auto", *FORMATS):
+        problems.append(f"`format`={args['format']!r} must be one of auto, {', '.join(FORMATS)}")
+    problems.extend(_column_problems(args["columns"]))
+    for name, least in (("max_length", 2), ("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0)):
+        value = args[name]
+        if value is None and name == "val_batch_size":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            problems.append(f"`{name}`={value!r} must be an integer of at least {least}")
+    if problems:
+        raise ConfigError("SFTDataModule: " + "; ".join(problems) + ".")
+
+
+def _column_problems(columns: Any) -> list[str]:
+    if columns is None:
+        return []
+    if not isinstance(columns, dict):
+        return [f"`columns`={columns!r} must be a mapping from field name to column name"]
+    problems = []
+    unknown = sorted(map(str, set(columns) - set(FIELDS)))
+    if unknown:
+        problems.append(f"`columns` has unknown fields {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
+    bad = {k: v for k, v in columns.items() if not isinstance(v, str) or not v}
+    if bad:
+        problems.append(f"`columns` values must be column names (non-empty strings), got {bad!r}")
+    return problems
+
+
+def _info(message: str, *args: Any) -> None:
+    # Every DDP rank runs setup(); only rank zero speaks.
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        log.info(message, *args)
+
+
+def _warn(message: str, *args: Any) -> None:
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        log.warning(message, *args)

@@ -1,0 +1,265 @@
+"""Records → text with the character spans that carry the loss, for the four data formats TRL users have.
+
+Each record becomes one `Rendered`: the full training text plus the character spans whose tokens are supervised.
+Working in characters and tokenizing the full text once (see `tokenization.py`) keeps the tokens identical to what
+the model sees at inference; tokenizing pieces separately would change tokens at the seams.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_peft.data.readers import Records
+from lightning_peft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("messages", "prompt_completion", "alpaca", "text")
+FIELDS: tuple[str, ...] = ("messages", "prompt", "completion", "instruction", "input", "output", "text")
+# In detection order: the first format whose fields are all present wins.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+
+# The Stanford Alpaca prompts (github.com/tatsu-lab/stanford_alpaca, train.py), verbatim.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+# ShareGPT files say {"from": "human", "value": ...}; the chat templates want {"role": "user", "content": ...}.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One example as text, before tokenization.
+
+    Attributes:
+        text: the full training text.
+        spans: [start, end) character spans whose tokens are supervised.
+        special_tokens: let the tokenizer add its own BOS/EOS (plain text); False for chat templates, which
+            already write their special tokens.
+        append_eos: append the EOS token (and learn it) unless the tokenizer already ended with it.
+        supervise_all: every token is supervised (plain LM, or `train_on_prompt`).
+    """
+
+    text: str
+    spans: tuple[tuple[int, int], ...] = ()
+    special_tokens: bool = True
+    append_eos: bool = True
+    supervise_all: bool = False
+
+
+class RowError(Exception):
+    """A problem with one row; `render_records` prefixes it with the file and row."""
+
+
+def detect_format(columns: list[str], mapping: Mapping[str, str]) -> str:
+    """The first format (messages > prompt/completion > alpaca > text) whose fields the columns hold.
+
+    Raises:
+        DataError: no format matches; the message lists the columns found and what each format needs.
+    """
+    present = set(columns)
+    for name, fields in REQUIRED.items():
+        if all(mapping.get(f, f) in present for f in fields):
+            return name
+    needs = "; ".join(f"{name}: {', '.join(_column(f, mapping) for f in fields)}" for name, fields in REQUIRED.items())
+    raise DataError(
+        f"cannot detect the data format from the columns ({', '.join(columns) or 'none'}); the formats need "
+        f"{needs}. Rename the columns, map them with data.columns, or set data.format."
+    )
+
+
+def render_records(
+    records: Records,
+    fmt: str,
+    mapping: Mapping[str, str],
+    tokenizer: Any,
+    train_on_prompt: bool = False,
+) -> tuple[str, list[Rendered]]:
+    """Render every record; `fmt` "auto" is resolved from the columns. Returns (format, rendered examples).
+
+    Raises:
+        DataError: a record lacks a field or has one of the wrong type, or the chat template fails on it.
+        ConfigError: a chat format with a tokenizer that has no chat template.
+    """
+    if fmt == "auto":
+        try:
+            fmt = detect_format(records.columns, mapping)
+        except DataError as err:
+            raise DataError(f"{records.path.name}: {err}") from None
+    render = _renderer(fmt, tokenizer, train_on_prompt)
+    rendered = []
+    for i, row in enumerate(records.rows):
+        try:
+            rendered.append(render(_Row(row, mapping)))
+        except RowError as err:
+            raise DataError(f"{records.where(i)}: {err}") from None
+    return fmt, rendered
+
+
+def _renderer(fmt: str, tokenizer: Any, train_on_prompt: bool):
+    if fmt == "text":
+        return lambda row: Rendered(row.string("text"), supervise_all=True)
+    if fmt == "alpaca":
+        return lambda row: _alpaca(row, train_on_prompt)
+    if fmt == "messages":
+        chat = ChatRenderer(tokenizer, fmt)
+        return lambda row: chat.render(row.messages("messages"), 0, train_on_prompt)
+    if fmt == "prompt_completion":
+        holder: dict[str, ChatRenderer] = {}  # built on first conversational row: plain rows need no template
+        return lambda row: _prompt_completion(row, tokenizer, holder, train_on_prompt)
+    raise ConfigError(f"`format`={fmt!r} is not one of auto, {', '.join(FORMATS)}.")
+
+
+def _alpaca(row: _Row, train_on_prompt: bool) -> Rendered:
+    instruction, output = row.string("instruction"), row.string("output")
+    extra = row.string("input", optional=True)
+    prompt = (ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=extra)
+    return _completion(prompt, output, train_on_prompt)
+
+
+def _prompt_completion(row: _Row, tokenizer: Any, holder: dict, train_on_prompt: bool) -> Rendered:
+    prompt, completion = row.value("prompt"), row.value("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        # TRL's conversational variant: both are lists of messages, the completion's turns carry the loss.
+        if "chat" not in holder:
+            holder["chat"] = ChatRenderer(tokenizer, "prompt_completion")
+        first, rest = row.messages("prompt"), row.messages("completion")
+        return holder["chat"].render(first + rest, len(first), train_on_prompt)
+    return _completion(row.string("prompt"), row.string("completion"), train_on_prompt)
+
+
+def _completion(prompt: str, completion: str, train_on_prompt: bool) -> Rendered:
+    # Concatenated as is (TRL): the data decides on the separating space or newline.
+    text = prompt + completion
+    return Rendered(text, ((len(prompt), len(text)),), supervise_all=train_on_prompt)
+
+
+class _Row:
+    """One record seen through the column mapping, with typed accessors that raise `RowError`."""
+
+    def __init__(self, row: dict[str, Any], mapping: Mapping[str, str]):
+        self.row, self.mapping = row, mapping
+
+    def _name(self, field: str) -> str:
+        return _column(field, self.mapping)
+
+    def value(self, field: str, optional: bool = False) -> Any:
+        column = self.mapping.get(field, field)
+        if column not in self.row or (optional and self.row[column] is None):
+            if optional:
+                return None
+            raise RowError(
+                f"field {self._name(field)} is missing (columns: {', '.join(map(str, self.row)) or 'none'}); "
+                "add it, map another column with data.columns, or set data.format."
+            )
+        return self.row[column]
+
+    def string(self, field: str, optional: bool = False) -> str:
+        value = self.value(field, optional)
+        if value is None and optional:
+            return ""
+        if not isinstance(value, str):
+            raise RowError(f"field {self._name(field)} must be a string, got {_type(value)}.")
+        return value
+
+    def messages(self, field: str) -> list[dict[str, Any]]:
+        value = self.value(field)
+        shape = "a list of {role, content} objects"
+        if not isinstance(value, list) or not value:
+            got = "an empty list" if isinstance(value, list) else _type(value)
+            raise RowError(f"field {self._name(field)} must be {shape}, got {got}.")
+        out = []
+        for j, message in enumerate(value):
+            if isinstance(message, dict) and "role" not in message and {"from", "value"} <= message.keys():
+                message = {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message["value"]}
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise RowError(f"field {self._name(field)} must be {shape}; item {j} is {_describe(message)}.")
+            if not isinstance(message.get("content"), str):
+                raise RowError(
+                    f"field {self._name(field)} item {j}: `content` must be a string, "
+                    f"got {_type(message.get('content'))}."
+                )
+            out.append(message)
+        return out
+
+
+class ChatRenderer:
+    """Renders conversations with the tokenizer's chat template and finds the assistant turns' characters.
+
+    The span of assistant turn i is what `messages[:i+1]` adds to `messages[:i]` rendered with the generation
+    prompt: the reply and the template's end-of-turn token, without the `<|im_start|>assistant` header. That holds
+    only if each rendering is a prefix of the next, which is checked (some templates rewrite earlier turns).
+    """
+
+    def __init__(self, tokenizer: Any, fmt: str):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"`format`={fmt!r} renders conversations with the tokenizer's chat template, but the tokenizer "
+                f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has none; use a tokenizer "
+                "with a chat template, or data.format 'text', 'prompt_completion' (strings) or 'alpaca'."
+            )
+        self.tokenizer = tokenizer
+        specials = set(getattr(tokenizer, "all_special_tokens", []))
+        specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+        self.end_tokens = tuple(sorted((s for s in specials if s), key=len, reverse=True))
+
+    def render(self, messages: list[dict[str, Any]], first: int, supervise_all: bool) -> Rendered:
+        """Render `messages`; assistant turns from index `first` on are supervised (all text if `supervise_all`)."""
+        text = self._apply(messages, False)
+        spans = []
+        for i in range(first, len(messages)):
+            if messages[i]["role"] != "assistant":
+                continue
+            prefix, upto = self._apply(messages[:i], True), self._apply(messages[: i + 1], False)
+            if not (upto.startswith(prefix) and text.startswith(upto)):
+                raise RowError(
+                    "the chat template is not prefix-stable (rendering the first turns of the conversation does "
+                    "not give the start of the whole rendering), so the assistant tokens cannot be located; "
+                    "use a template without that behaviour, or data.format 'prompt_completion' with strings."
+                )
+            spans.append((len(prefix), self._turn_end(upto, len(prefix))))
+        return Rendered(text, tuple(spans), special_tokens=False, append_eos=False, supervise_all=supervise_all)
+
+    def _turn_end(self, upto: str, start: int) -> int:
+        # Whitespace the template writes after the end-of-turn token is not something to predict; keep it out so
+        # the turn ends on that token. Templates without such a token keep their trailing text.
+        stripped = upto.rstrip()
+        if len(stripped) > start and stripped.endswith(self.end_tokens):
+            return len(stripped)
+        return len(upto)
+
+    def _apply(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # jinja2 raises TemplateError for `raise_exception(...)`, others for bad data
+            raise RowError(f"the chat template failed on this conversation ({type(err).__name__}: {err}).") from None
+
+
+def _column(field: str, mapping: Mapping[str, str]) -> str:
+    column = mapping.get(field, field)
+    return f"`{field}`" if column == field else f"`{field}` (column `{column}`)"
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"an object with keys {', '.join(map(str, value)) or 'none'}"
+    return f"a {_type(value)}"

@@ -1,0 +1,240 @@
+"""Rendered text → token ids and labels; truncation and dropping; one data file end to end through the cache.
+
+Labels follow the Hugging Face convention: the same length as `input_ids`, not shifted (the model shifts), -100 where
+no loss is taken. The first label of every example is -100 as well: nothing precedes that token, so an unpacked
+model never uses it, and in a packed row it would otherwise be "predicted" from the previous example's last token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lightning_peft.data.formats import Rendered
+from lightning_peft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_BATCH = 1000  # texts per tokenizer call: the fast tokenizer's batch API is much quicker than one call per text
+
+
+@dataclass
+class TokenizedData:
+    """The examples of one data file as flat arrays (cheap to cache, to share with workers and to slice).
+
+    Attributes:
+        input_ids: all token ids, example after example (int32).
+        labels: the matching labels (int32, -100 where unsupervised).
+        offsets: example i is `input_ids[offsets[i]:offsets[i+1]]` (int64, one more than the examples).
+        record_index: the record (row of the file) each kept example came from (int64).
+        truncated: whether each kept example was cut to max_length (bool).
+        dropped: the records that were dropped because no supervised token was left (int64).
+        n_records: records read from the file, kept or not.
+        format: the data format used (after auto-detection).
+        from_cache: whether this came from the on-disk cache (not stored).
+    """
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    record_index: np.ndarray
+    truncated: np.ndarray
+    dropped: np.ndarray
+    n_records: int
+    format: str
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of example i."""
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[start:end], self.labels[start:end]
+
+    def select_records(self, records: np.ndarray) -> TokenizedData:
+        """The examples that came from the given records (for a train/validation split of one file)."""
+        records = np.sort(np.asarray(records, dtype=np.int64))
+        keep = np.flatnonzero(np.isin(self.record_index, records))
+        ids = [self.example(i) for i in keep]
+        lengths = np.array([len(x) for x, _ in ids], dtype=np.int64)
+        return TokenizedData(
+            input_ids=np.concatenate([x for x, _ in ids]) if ids else np.zeros(0, np.int32),
+            labels=np.concatenate([y for _, y in ids]) if ids else np.zeros(0, np.int32),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            record_index=self.record_index[keep],
+            truncated=self.truncated[keep],
+            dropped=self.dropped[np.isin(self.dropped, records)],
+            n_records=len(records),
+            format=self.format,
+            from_cache=self.from_cache,
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Counts for logs and `SFTDataModule.stats`."""
+        return {
+            "examples_read": int(self.n_records),
+            "examples": len(self),
+            "dropped": len(self.dropped),
+            "truncated": int(self.truncated.sum()),
+            "tokens": len(self.input_ids),
+            "supervised_tokens": int((self.labels != IGNORE_INDEX).sum()),
+        }
+
+
+def tokenize_rendered(
+    rendered: Sequence[Rendered],
+    tokenizer: Any,
+    max_length: int,
+    truncation: bool = True,
+    fmt: str = "",
+    where: Callable[[int], str] = str,
+) -> TokenizedData:
+    """Tokenize every rendered example, build its labels, then truncate or refuse long ones and drop empty ones.
+
+    Args:
+        rendered: the examples from `formats.render_records`.
+        tokenizer: a fast Hugging Face tokenizer (character offsets are needed to place the labels).
+        max_length: the longest example kept, in tokens.
+        truncation: cut longer examples (True) or raise (False).
+        fmt: the format name stored with the result.
+        where: turns a record index into "file line N" for messages.
+
+    Raises:
+        DataError: an example is longer than max_length and truncation is off.
+        ConfigError: the tokenizer is not a fast tokenizer, or has no EOS token where one must be appended.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"`tokenizer` {type(tokenizer).__name__} is not a fast (Rust) tokenizer; the supervised tokens are "
+            "located by character offsets, which only fast tokenizers give. Load it with use_fast=True."
+        )
+    eos = tokenizer.eos_token_id
+    if eos is None and any(r.append_eos for r in rendered):
+        raise ConfigError("The tokenizer has no EOS token to end each example with; set `tokenizer.eos_token`.")
+    ids_out, labels_out, records, truncated, dropped = [], [], [], [], []
+    for start in range(0, len(rendered), _BATCH):
+        chunk = rendered[start : start + _BATCH]
+        for j, (ids, offsets) in enumerate(_encode(tokenizer, chunk)):
+            i = start + j
+            ids, labels = _label(chunk[j], ids, offsets, eos)
+            too_long = len(ids) > max_length
+            if too_long:
+                if not truncation:
+                    raise DataError(
+                        f"{where(i)}: the example is {len(ids)} tokens long, more than max_length={max_length}; "
+                        "raise data.max_length or set data.truncation: true."
+                    )
+                ids, labels = ids[:max_length], labels[:max_length]
+            if not (labels != IGNORE_INDEX).any():
+                dropped.append(i)
+                continue
+            ids_out.append(ids)
+            labels_out.append(labels)
+            records.append(i)
+            truncated.append(too_long)
+    return _pack_arrays(ids_out, labels_out, records, truncated, dropped, len(rendered), fmt)
+
+
+def _encode(tokenizer: Any, chunk: Sequence[Rendered]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    out = []
+    # One file has one format, but group by the flag anyway so the batch API can be used in every case.
+    for flag in (True, False):
+        positions = [k for k, r in enumerate(chunk) if r.special_tokens == flag]
+        if not positions:
+            continue
+        encoded = tokenizer(
+            [chunk[k].text for k in positions],
+            add_special_tokens=flag,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            verbose=False,  # no "sequence longer than model_max_length" warning: truncation is ours
+        )
+        out.extend(zip(positions, zip(encoded["input_ids"], encoded["offset_mapping"], strict=True), strict=True))
+    return [pair for _, pair in sorted(out, key=lambda item: item[0])]
+
+
+def _label(
+    example: Rendered, ids: list[int], offsets: list[tuple[int, int]], eos: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and labels of one example; EOS appended and learned when the format asks for it."""
+    ids_arr = np.asarray(ids, dtype=np.int32)
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    supervised = np.full(len(ids_arr), example.supervise_all, dtype=bool)
+    for start, end in example.spans:
+        # A token is supervised when any of its characters lies in the span; special tokens the tokenizer adds
+        # (BOS) have the empty span (0, 0) and never are.
+        supervised |= (spans[:, 1] > spans[:, 0]) & (spans[:, 0] < end) & (spans[:, 1] > start)
+    if example.append_eos:
+        # Labels are built here, never from `== pad_token_id`: SmolLM2 pads with its EOS, which must be learned.
+        if len(ids_arr) and ids_arr[-1] == eos:
+            supervised[-1] = True
+        else:
+            ids_arr = np.append(ids_arr, np.int32(eos))
+            supervised = np.append(supervised, True)
+    labels = np.where(supervised, ids_arr, IGNORE_INDEX).astype(np.int32)
+    if len(labels):
+        labels[0] = IGNORE_INDEX
+    return ids_arr, labels
+
+
+def _pack_arrays(ids, labels, records, truncated, dropped, n_records, fmt) -> TokenizedData:
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    return TokenizedData(
+        input_ids=np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
+        labels=np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        record_index=np.asarray(records, dtype=np.int64),
+        truncated=np.asarray(truncated, dtype=bool),
+        dropped=np.asarray(dropped, dtype=np.int64),
+        n_records=n_records,
+        format=fmt,
+    )
+
+
+def prepare_file(
+    path: str,
+    *,
+    fmt: str,
+    columns: Mapping[str, str],
+    max_length: int,
+    truncation: bool,
+    train_on_prompt: bool,
+    tokenizer: Any,
+    cache: bool = True,
+) -> TokenizedData:
+    """Read, render and tokenize one data file, or load the result of an earlier run from the cache.
+
+    Raises:
+        DataError: the file is missing or malformed, or an example is too long with truncation off.
+    """
+    from lightning_peft.data import cache as data_cache
+    from lightning_peft.data.readers import read_records
+
+    settings = dict(
+        format=fmt,
+        columns=dict(sorted(columns.items())),
+        max_length=max_length,
+        truncation=truncation,
+        train_on_prompt=train_on_prompt,
+    )
+
+    def build() -> TokenizedData:
+        from lightning_peft.data.formats import render_records
+
+        records = read_records(path)
+        used, rendered = render_records(records, fmt, columns, tokenizer, train_on_prompt)
+        return tokenize_rendered(rendered, tokenizer, max_length, truncation, used, records.where)
+
+    if not cache:
+        return build()
+    return data_cache.cached(path, settings, tokenizer, build)
