@@ -169,17 +169,10 @@ def check_targets(model: torch.nn.Module, config: PeftConfig) -> None:
         )
 
 
-def inject_adapter(
-    model: torch.nn.Module,
-    config: PeftConfig,
-    *,
-    quantized: bool = False,
-    gradient_checkpointing: bool = False,
-) -> PeftModel:
-    """Wrap `model` in a trainable `PeftModel`, preparing k-bit models and gradient checkpointing first."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def prepare_base(model: torch.nn.Module, *, quantized: bool = False, gradient_checkpointing: bool = False) -> Any:
+    """Ready a frozen base for adapter training: k-bit preparation and gradient checkpointing."""
+    from peft import prepare_model_for_kbit_training
 
-    check_targets(model, config)
     checkpointing_kwargs = {"use_reentrant": False}
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -193,6 +186,21 @@ def inject_adapter(
         model.enable_input_require_grads()
     if gradient_checkpointing:
         model.config.use_cache = False
+    return model
+
+
+def inject_adapter(
+    model: torch.nn.Module,
+    config: PeftConfig,
+    *,
+    quantized: bool = False,
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """Wrap `model` in a trainable `PeftModel`, preparing k-bit models and gradient checkpointing first."""
+    from peft import get_peft_model
+
+    check_targets(model, config)
+    model = prepare_base(model, quantized=quantized, gradient_checkpointing=gradient_checkpointing)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
@@ -202,6 +210,24 @@ def inject_adapter(
                 f"layers are: {', '.join(linear_module_names(model))}."
             ) from err
         raise ConfigError(f"`adapter` ({type(config).__name__}) cannot be applied to this model: {err}") from err
+
+
+def read_adapter_config(directory: str | os.PathLike) -> PeftConfig:
+    """The `PeftConfig` of a saved adapter folder (reads adapter_config.json only)."""
+    from peft import PeftConfig
+
+    _check_adapter_folder(Path(directory))
+    return PeftConfig.from_pretrained(str(directory))
+
+
+def _check_adapter_folder(directory: Path) -> None:
+    if not (directory / "adapter_config.json").is_file():
+        raise ConfigError(f"{directory} is not a PEFT adapter folder: adapter_config.json is missing.")
+    if not (directory / "adapter_model.safetensors").is_file():
+        raise ConfigError(
+            f"{directory} has no adapter_model.safetensors; pickle weights (.bin) are never loaded — convert them "
+            "with PEFT in a trusted environment first."
+        )
 
 
 def adapter_state_keys(peft_model: torch.nn.Module, adapter_name: str = "default") -> set[str]:
@@ -275,12 +301,5 @@ def load_adapter(base_model: torch.nn.Module, directory: str | os.PathLike, *, i
     """Load a PEFT adapter folder onto `base_model`, refusing pickle-only weights."""
     from peft import PeftModel
 
-    directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
-        raise ConfigError(f"{directory} is not a PEFT adapter folder: adapter_config.json is missing.")
-    if not (directory / "adapter_model.safetensors").is_file():
-        raise ConfigError(
-            f"{directory} has no adapter_model.safetensors; pickle weights (.bin) are never loaded — convert them "
-            "with PEFT in a trusted environment first."
-        )
+    _check_adapter_folder(Path(directory))
     return PeftModel.from_pretrained(base_model, directory, is_trainable=is_trainable)

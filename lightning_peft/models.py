@@ -232,9 +232,7 @@ def _check_bnb_options(options: dict[str, Any], config_class: type) -> None:
         )
     quant_type = options.get("bnb_4bit_quant_type", "nf4")
     if quant_type not in ("nf4", "fp4"):
-        raise ConfigError(
-            f"`quantization_options.bnb_4bit_quant_type`={quant_type!r} is not valid; use nf4 or fp4."
-        )
+        raise ConfigError(f"`quantization_options.bnb_4bit_quant_type`={quant_type!r} is not valid; use nf4 or fp4.")
 
 
 def load_base_model(

@@ -58,6 +58,9 @@ class PeftCausalLM(L.LightningModule):
         attn_implementation: transformers attention backend.
         revision: Model revision when loading from the Hub.
         trust_remote_code: Allow model code from the Hub (only for models you trust).
+        adapter_path: Start from this saved PEFT adapter folder (a previous run's `adapter/`, or any PEFT
+            adapter) instead of a new one: to continue training it, or to validate/test/predict with it.
+            Its own adapter_config.json then defines the adapter, so `adapter` must be left unset.
         adapter_dir: Where the final adapter goes at the end of fit; default `<trainer.log_dir>/adapter`.
         save_adapter_on_fit_end: Write the final adapter (plain PEFT format) when fit ends.
     """
@@ -78,15 +81,24 @@ class PeftCausalLM(L.LightningModule):
         attn_implementation: AttnImplementation | None = "sdpa",
         revision: str | None = None,
         trust_remote_code: bool = False,
+        adapter_path: str | None = None,
         adapter_dir: str | None = None,
         save_adapter_on_fit_end: bool = True,
     ) -> None:
         super().__init__()
-        self.peft_config = adapters.build_peft_config(adapter)
+        if adapter_path is not None and adapter is not None:
+            raise ConfigError(
+                f"`adapter` and `adapter_path`={adapter_path!r} were both given; the saved adapter's own config is "
+                "used with adapter_path, so drop `adapter`."
+            )
+        if adapter_path is not None:
+            self.peft_config = adapters.read_adapter_config(adapter_path)
+        else:
+            self.peft_config = adapters.build_peft_config(adapter)
         _validate(locals())
         self.save_hyperparameters(ignore=["adapter"])
         # Checkpoints reload hparams: keep the adapter as plain data, never a pickled peft object.
-        self.hparams["adapter"] = adapters.config_to_dict(self.peft_config)
+        self.hparams["adapter"] = None if adapter_path else adapters.config_to_dict(self.peft_config)
         self.model: Any = None
         self.tokenizer: Any = None
         self.train_loss, self.train_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
@@ -110,13 +122,19 @@ class PeftCausalLM(L.LightningModule):
 
     def build_adapter(self, base_model: torch.nn.Module) -> torch.nn.Module:
         """Wrap the base in a PEFT model. Override to add adapters, freeze more or inject differently."""
+        quantized = self.hparams.quantization != "none"
+        if self.hparams.adapter_path is not None:
+            base_model = adapters.prepare_base(
+                base_model, quantized=quantized, gradient_checkpointing=self.hparams.gradient_checkpointing
+            )
+            return adapters.load_adapter(base_model, self.hparams.adapter_path, is_trainable=True)
         config = self.peft_config
         if getattr(config, "total_step", "absent") is None:  # AdaLoRA needs its schedule length up front.
             config = adapters.with_total_step(config, self._max_steps_for_adalora())
         return adapters.inject_adapter(
             base_model,
             config,
-            quantized=self.hparams.quantization != "none",
+            quantized=quantized,
             gradient_checkpointing=self.hparams.gradient_checkpointing,
         )
 
@@ -197,6 +215,53 @@ class PeftCausalLM(L.LightningModule):
     @override
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, self.test_loss, self.test_acc)
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Generate a completion for each left-padded prompt of a batch (`SFTDataModule(predict_file=...)`).
+
+        Generation settings are the `generate` arguments in the attribute `generation_kwargs`, which
+        `lightning_peft.callbacks.PredictionWriter` sets from its own arguments when prediction starts (they are
+        not hyperparameters: they do not change the trained model). Without it: greedy, up to 128 new tokens.
+
+        Returns:
+            One dict per row: `index` (the row of the predict file), `prompt` (the prompt tokens as text, special
+            tokens included), `completion` (the new tokens as text, special tokens skipped) and `reference` when
+            the batch holds the row's answer.
+        """
+        settings = {"max_new_tokens": 128, "do_sample": False, **getattr(self, "generation_kwargs", {})}
+        if not settings["do_sample"]:
+            # Sampling settings under greedy decoding only make transformers warn.
+            settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_p", "top_k")}
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))
+        pad = self.tokenizer.pad_token_id
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pad_token_id=self.tokenizer.eos_token_id if pad is None else pad,
+            **settings,
+        )
+        return self._prediction_rows(batch, attention_mask, output[:, input_ids.shape[1] :])
+
+    def _prediction_rows(
+        self, batch: dict[str, Any], attention_mask: torch.Tensor, new_tokens: torch.Tensor
+    ) -> list[dict[str, Any]]:
+        size = len(new_tokens)
+        # Batches from other dataloaders may lack `index` (None then: the writer keeps their arrival order).
+        indices = batch["index"].tolist() if "index" in batch else [None] * size
+        references = batch.get("reference") or [None] * size
+        rows = []
+        for i, index in enumerate(indices):
+            row = {
+                "index": index,
+                "prompt": self.tokenizer.decode(batch["input_ids"][i][attention_mask[i].bool()]),
+                "completion": self.tokenizer.decode(new_tokens[i], skip_special_tokens=True),
+            }
+            if references[i] is not None:
+                row["reference"] = references[i]
+            rows.append(row)
+        return rows
 
     @override
     def on_validation_epoch_end(self) -> None:

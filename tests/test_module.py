@@ -224,3 +224,21 @@ def test_precision_auto_is_fp32_on_cpu():
     assert dtype_for_precision("bf16-mixed") == torch.bfloat16
     assert dtype_for_precision("16-mixed") == torch.float16
     assert dtype_for_precision("32-true") == torch.float32
+
+
+def test_adapter_path_starts_from_a_saved_adapter(tiny_model_dir, tmp_path):
+    trained = make_module(tiny_model_dir, learning_rate=1e-2, save_adapter_on_fit_end=True)
+    quiet_trainer(tmp_path, max_steps=2).fit(trained, train_dataloaders=token_batches())
+    loaded = make_module(tiny_model_dir, adapter=None, adapter_path=str(tmp_path / "adapter"))
+    loaded.configure_model()
+    assert adapter_tensors(loaded).keys() == adapter_tensors(trained).keys()
+    for key, value in adapter_tensors(trained).items():
+        assert torch.equal(adapter_tensors(loaded)[key], value), key
+    assert any(p.requires_grad for p in loaded.model.parameters()), "a loaded adapter must stay trainable"
+
+
+def test_adapter_path_and_adapter_together_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="`adapter` and `adapter_path`=.* were both given"):
+        make_module(tiny_model_dir, adapter={"r": 2}, adapter_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="is not a PEFT adapter folder"):
+        make_module(tiny_model_dir, adapter=None, adapter_path=str(tmp_path))

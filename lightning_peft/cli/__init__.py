@@ -108,6 +108,7 @@ def _configure_logging(debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Lightning's own deprecation noise about torch's pytree API is not something a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

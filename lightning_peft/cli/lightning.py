@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-import sys
+import warnings
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lightning_peft.callbacks import PredictionWriter
 from lightning_peft.data import SFTDataModule
 from lightning_peft.models import auto_precision
 from lightning_peft.module import PeftCausalLM
@@ -32,12 +35,21 @@ class LpeftCLI(LightningCLI):
         if config.trainer.get("precision") is None:
             config.trainer.precision = auto_precision()
 
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # `lpeft predict` always writes its completions; a PredictionWriter in the config says where and how.
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter())
+        return trainer
+
 
 def run_lightning_cli(args: list[str]) -> LightningCLI:
     """Run LightningCLI on `args` (a subcommand and its options), as `lpeft <subcommand>` does."""
-    # LightningCLI warns when sys.argv also holds arguments; under `lpeft` they are the same ones.
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
+    # Under `lpeft`, sys.argv holds these same arguments, and must keep them: DDP launches its other processes
+    # by re-running sys.argv. LightningCLI warns about seeing both.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
         return LpeftCLI(
             PeftCausalLM,
             SFTDataModule,
@@ -49,5 +61,3 @@ def run_lightning_cli(args: list[str]) -> LightningCLI:
             parser_kwargs={"prog": "lpeft", "default_env": False},
             auto_configure_optimizers=False,
         )
-    finally:
-        sys.argv = argv

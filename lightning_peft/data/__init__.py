@@ -3,14 +3,16 @@
 Modules, in the order data flows through them: `readers` (files → records), `formats` (records → text and the
 supervised character spans), `tokenization` (→ input_ids and labels, truncation), `cache` (tokenized files kept
 between runs), `packing` (datasets, with whole examples packed into rows), `collate` (padding and the
-length-grouped sampler) and `datamodule` (the `SFTDataModule` that ties them together).
+length-grouped sampler, left-padded prompt batches) and `datamodule` (the `SFTDataModule` that ties them together).
+Prompts for `predict` take the same path without labels or cache: `formats.render_prompts` →
+`tokenization.prepare_prompts` → `packing.PromptDataset` → `collate.PromptCollator`.
 """
 
-from lightning_peft.data.collate import LengthGroupedSampler, SFTCollator
+from lightning_peft.data.collate import LengthGroupedSampler, PromptCollator, SFTCollator
 from lightning_peft.data.datamodule import SFTDataModule
 from lightning_peft.data.formats import FORMATS
-from lightning_peft.data.packing import ExampleDataset, PackedDataset, first_fit_decreasing
-from lightning_peft.data.tokenization import IGNORE_INDEX, TokenizedData
+from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset, first_fit_decreasing
+from lightning_peft.data.tokenization import IGNORE_INDEX, TokenizedData, TokenizedPrompts
 
 __all__ = [
     "FORMATS",
@@ -18,8 +20,11 @@ __all__ = [
     "ExampleDataset",
     "LengthGroupedSampler",
     "PackedDataset",
+    "PromptCollator",
+    "PromptDataset",
     "SFTCollator",
     "SFTDataModule",
     "TokenizedData",
+    "TokenizedPrompts",
     "first_fit_decreasing",
 ]

@@ -2,6 +2,8 @@
 
 The batch contract with the LightningModule: `input_ids` and `labels` (B, T) int64, labels -100 where no loss is
 taken and not shifted; then either `attention_mask` (padded examples) or `position_ids` (packed rows, no mask).
+Prediction batches (`PromptCollator`) are left-padded prompts for `generate`: `input_ids`, `attention_mask`,
+`index` and `reference`, no labels.
 """
 
 from __future__ import annotations
@@ -49,6 +51,36 @@ class SFTCollator:
         batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         batch["position_ids" if packed else "attention_mask"] = torch.from_numpy(extra)
         return batch
+
+
+@dataclass
+class PromptCollator:
+    """Left-pads prompts into one generation batch, so every row's next token comes right after its prompt.
+
+    Batch: `input_ids` and `attention_mask` (B, T) int64 with the padding (mask 0) on the left, `index` (B,) int64
+    (each prompt's row in the file, to put the generations back in file order), and `reference` (a list of B
+    strings or None: each row's answer when the file holds one).
+
+    Args:
+        pad_token_id: the id written into padding.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(item["input_ids"]) for item in items)
+        input_ids = np.full((len(items), width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(items), width), dtype=np.int64)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, width - n :] = item["input_ids"]
+            attention_mask[row, width - n :] = 1
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
+            "reference": [item.get("reference") for item in items],
+        }
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -2,6 +2,7 @@
 
 `setup()` reads, renders and tokenizes each file (or loads it from the cache) on every rank, splits off the
 validation examples and builds the datasets; the dataloaders then only pad. See `collate.py` for the batch format.
+`setup("predict")` reads only `predict_file`: the prompts, rendered by the same formats, left-padded for generation.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_peft.data.collate import LengthGroupedSampler, SFTCollator
+from lightning_peft.data.collate import LengthGroupedSampler, PromptCollator, SFTCollator
 from lightning_peft.data.formats import FIELDS, FORMATS
-from lightning_peft.data.packing import ExampleDataset, PackedDataset
-from lightning_peft.data.tokenization import TokenizedData, prepare_file
+from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset
+from lightning_peft.data.readers import require_exists
+from lightning_peft.data.tokenization import TokenizedData, TokenizedPrompts, prepare_file, prepare_prompts
 from lightning_peft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,13 @@ class SFTDataModule(LightningDataModule):
 
     Batches are dicts of (B, T) int64 tensors: `input_ids`, `labels` (-100 where no loss is taken, not shifted),
     and `attention_mask` for padded batches or `position_ids` (restarting at 0 for each example, no mask) for
-    packed ones.
+    packed ones. Prediction batches are left-padded prompts: `input_ids`, `attention_mask`, `index` (each
+    prompt's row in `predict_file`) and `reference` (each row's answer, or None), see `PromptCollator`.
 
     Args:
         train_file: the training data: a JSON Lines, JSON, CSV or Parquet file, or a folder written by
-            `datasets`' `save_to_disk` (its "train" split if it holds several).
+            `datasets`' `save_to_disk` (its "train" split if it holds several). Needed by fit, validate and
+            test; `predict` reads only `predict_file`.
         val_file: the validation data, in any of the same forms.
         val_fraction: hold out this fraction of `train_file` (a seeded split) when there is no `val_file`.
         format: how records become text: "messages" (chat, rendered with the tokenizer's chat template, loss on
@@ -51,17 +55,24 @@ class SFTDataModule(LightningDataModule):
         packing: pack several examples into each row of up to `max_length` tokens, without cross-attention.
         group_by_length: batch examples of similar length together (seeded), to pad less.
         batch_size: examples (or packed rows) per training batch.
-        val_batch_size: per validation batch; default `batch_size`.
+        val_batch_size: per validation and prediction batch; default `batch_size`.
         num_workers: dataloader worker processes.
         seed: seed of the validation split and of the shuffles.
         tokenizer: the tokenizer's model name or path (given to `lightning_peft.models.load_tokenizer`); from
             Python a tokenizer object is accepted too. The `lpeft` CLI links it to `model.model_name_or_path`.
         cache: keep tokenized data on disk (`$LPEFT_DATA_CACHE`) and reuse it when nothing changed.
+        predict_file: prompts to complete with `lpeft predict` (`Trainer.predict`), in any of the file forms,
+            formats and column mappings above. Each row gives its prompt only: a conversation without its final
+            assistant turn (or the whole conversation when it ends with another role) with the chat template's
+            generation prompt, the prompt of a prompt/completion row, the Alpaca prompt up to "### Response:", or
+            the text itself. Answer fields are optional; when present they are kept as each row's `reference`.
+            A prompt longer than `max_length` keeps its last `max_length` tokens if `truncation` is on (counted and
+            logged), else is an error. Generation settings belong to `lightning_peft.callbacks.PredictionWriter`.
     """
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | None = None,
         val_file: str | None = None,
         val_fraction: float | None = None,
         format: DataFormat = "auto",
@@ -77,10 +88,12 @@ class SFTDataModule(LightningDataModule):
         seed: int = 42,
         tokenizer: str | None = None,
         cache: bool = True,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         _validate(
             train_file=train_file,
+            predict_file=predict_file,
             val_file=val_file,
             val_fraction=val_fraction,
             format=format,
@@ -92,7 +105,8 @@ class SFTDataModule(LightningDataModule):
         )
         # A tokenizer object is not a hyperparameter (and should not be pickled into checkpoints); its name is.
         self.save_hyperparameters(ignore=None if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
-        self.train_file, self.val_file = str(train_file), None if val_file is None else str(val_file)
+        self.train_file, self.val_file = _str_or_none(train_file), _str_or_none(val_file)
+        self.predict_file = _str_or_none(predict_file)
         self.val_fraction = val_fraction
         self.format, self.columns = format, dict(columns or {})
         self.max_length, self.truncation, self.train_on_prompt = max_length, truncation, train_on_prompt
@@ -104,6 +118,7 @@ class SFTDataModule(LightningDataModule):
         self.stats: dict[str, dict[str, Any]] = {}
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self.predict_dataset: PromptDataset | None = None
         if val_file is None and val_fraction is None:
             # Lightning looks the hook up on the instance: None reads as "no validation data", so the validation
             # loop is skipped with a clear message instead of a warning about an empty dataloader.
@@ -124,24 +139,48 @@ class SFTDataModule(LightningDataModule):
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Use this tokenizer object (before `setup`); the `tokenizer` name, if any, is then ignored."""
-        if self.train_dataset is not None and tokenizer is not self._tokenizer:
+        prepared = self.train_dataset is not None or self.predict_dataset is not None
+        if prepared and tokenizer is not self._tokenizer:
             raise ConfigError("`tokenizer` cannot change after setup(): the data is already tokenized with another.")
         self._tokenizer = tokenizer
 
     @property
     def collator(self) -> SFTCollator:
         """The batch collator (pads with the tokenizer's pad token, else its EOS; padding is masked anyway)."""
+        return SFTCollator(pad_token_id=self._pad_token_id())
+
+    @property
+    def predict_collator(self) -> PromptCollator:
+        """The prediction collator: left padding with the tokenizer's pad token, else its EOS (masked anyway)."""
+        return PromptCollator(pad_token_id=self._pad_token_id())
+
+    def _pad_token_id(self) -> int:
         tokenizer = self._require_tokenizer()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return SFTCollator(pad_token_id=int(pad or 0))
+        return int(pad or 0)
 
     @override
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize (or load from the cache) the training and validation data and build the datasets; once."""
+        """Build what `stage` needs, once: the prompts for "predict", else the training and validation data.
+
+        With `stage` None (a direct call), every file given is prepared.
+        """
+        wants_predict = stage == "predict" or (stage is None and self.predict_file is not None)
+        if wants_predict:
+            self._setup_predict()
+        if stage != "predict" and not (wants_predict and self.train_file is None):
+            self._setup_train(stage or "fit")
+
+    def _setup_train(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
-        train = self._prepare(self.train_file)
-        val = self._prepare(self.val_file) if self.val_file else None
+        if self.train_file is None:
+            raise ConfigError(
+                f"`train_file`=None: {stage} needs the training data (and its validation split); "
+                "set data.train_file to a data file."
+            )
+        train = self._prepare(self.train_file, "data.train_file")
+        val = self._prepare(self.val_file, "data.val_file") if self.val_file else None
         if self.val_fraction is not None:
             train, val = split_train_val(train, self.val_fraction, self.seed, self.train_file)
         elif val is not None and val.format != train.format:
@@ -151,6 +190,28 @@ class SFTDataModule(LightningDataModule):
         if val is not None:
             self.stats["val"] = self._report("val", val, self.val_file or self.train_file)
             self.val_dataset = self._dataset(val, "val", shuffle=False)
+
+    def _setup_predict(self) -> None:
+        if self.predict_dataset is not None:
+            return
+        if self.predict_file is None:
+            raise ConfigError(
+                "`predict_file`=None: predicting needs a file of prompts; set data.predict_file, e.g. "
+                "`lpeft predict --config run.yaml --data.predict_file prompts.jsonl`, or "
+                "SFTDataModule(predict_file=...) from Python."
+            )
+        path = str(require_exists(self.predict_file, "data.predict_file"))
+        prompts = prepare_prompts(
+            path,
+            fmt=self.format,
+            columns=self.columns,
+            max_length=self.max_length,
+            truncation=self.truncation,
+            tokenizer=self._require_tokenizer(),
+        )
+        self.stats["predict"] = self._report_prompts(prompts, path)
+        # Longest first: less padding per batch, and memory problems show at once; `index` restores file order.
+        self.predict_dataset = PromptDataset(prompts, np.argsort(-prompts.lengths, kind="stable"))
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -170,18 +231,27 @@ class SFTDataModule(LightningDataModule):
             return []
         return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
 
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """Left-padded prompt batches of `val_batch_size`, longest first (each carries its rows' `index`)."""
+        if self.predict_dataset is None:
+            raise RuntimeError("SFTDataModule.setup('predict') must run before predict_dataloader().")
+        return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False, collate_fn=self.predict_collator)
+
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        if "collate_fn" not in kwargs:
+            kwargs["collate_fn"] = self.collator
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             **kwargs,
         )
 
-    def _prepare(self, path: str) -> TokenizedData:
+    def _prepare(self, path: str, setting: str) -> TokenizedData:
+        path = str(require_exists(path, setting))
         data = prepare_file(
             path,
             fmt=self.format,
@@ -248,6 +318,21 @@ class SFTDataModule(LightningDataModule):
             )
         return stats
 
+    def _report_prompts(self, prompts: TokenizedPrompts, path: str) -> dict[str, Any]:
+        stats = prompts.stats()
+        if self.format == "auto":
+            _info("Detected the data format %r in %s", prompts.format, path)
+        _info("predict: %d prompts from %s (format %s), %d tokens", len(prompts), path, prompts.format, stats["tokens"])
+        if stats["truncated"]:
+            _warn(
+                "%d of %d prompts were longer than max_length=%d and keep only their last %d tokens",
+                stats["truncated"],
+                len(prompts),
+                self.max_length,
+                self.max_length,
+            )
+        return stats
+
     def _require_tokenizer(self) -> Any:
         tokenizer = self.tokenizer
         if tokenizer is None and self.trainer is not None:
@@ -290,8 +375,10 @@ def split_train_val(data: TokenizedData, fraction: float, seed: int, path: str) 
 def _validate(**args: Any) -> None:
     """Every problem with the arguments, in one ConfigError."""
     problems = []
-    if not isinstance(args["train_file"], str | os.PathLike) or not str(args["train_file"]).strip():
-        problems.append(f"`train_file`={args['train_file']!r} must be the path of a data file or folder")
+    for name in ("train_file", "predict_file"):
+        value = args[name]
+        if value is not None and (not isinstance(value, str | os.PathLike) or not str(value).strip()):
+            problems.append(f"`{name}`={value!r} must be the path of a data file or folder")
     fraction = args["val_fraction"]
     if fraction is not None and not (isinstance(fraction, int | float) and 0 < fraction < 1):
         problems.append(f"`val_fraction`={fraction!r} must be a number between 0 and 1 (both excluded)")
@@ -326,6 +413,10 @@ def _column_problems(columns: Any) -> list[str]:
     if bad:
         problems.append(f"`columns` values must be column names (non-empty strings), got {bad!r}")
     return problems
+
+
+def _str_or_none(path: str | os.PathLike | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _info(message: str, *args: Any) -> None:

@@ -3,6 +3,10 @@
 Each record becomes one `Rendered`: the full training text plus the character spans whose tokens are supervised.
 Working in characters and tokenizing the full text once (see `tokenization.py`) keeps the tokens identical to what
 the model sees at inference; tokenizing pieces separately would change tokens at the seams.
+
+For generation (`render_prompts`) each record becomes a `Prompt`: the text before the answer, built by the same
+helpers as the training text, so a prompt is exactly the start of the training text of the same record (the chat
+template's generation prompt included).
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+# For generation the answer fields are optional: a format is recognized from its prompt fields alone.
+PROMPT_REQUIRED: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt",),
+    "alpaca": ("instruction",),
     "text": ("text",),
 }
 
@@ -62,21 +73,43 @@ class Rendered:
     supervise_all: bool = False
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One record's prompt for generation, before tokenization.
+
+    Attributes:
+        text: what the model is given; the generated tokens continue it.
+        special_tokens: let the tokenizer add its own BOS (plain text); False for chat templates.
+        reference: the record's answer when the file holds one (messages: the final assistant turn), else None.
+    """
+
+    text: str
+    special_tokens: bool = True
+    reference: str | None = None
+
+
 class RowError(Exception):
     """A problem with one row; `render_records` prefixes it with the file and row."""
 
 
-def detect_format(columns: list[str], mapping: Mapping[str, str]) -> str:
+def detect_format(
+    columns: list[str], mapping: Mapping[str, str], required: Mapping[str, tuple[str, ...]] = REQUIRED
+) -> str:
     """The first format (messages > prompt/completion > alpaca > text) whose fields the columns hold.
+
+    Args:
+        columns: the file's columns.
+        mapping: our field name -> the file's column.
+        required: the fields each format needs: `REQUIRED` for training, `PROMPT_REQUIRED` for generation.
 
     Raises:
         DataError: no format matches; the message lists the columns found and what each format needs.
     """
     present = set(columns)
-    for name, fields in REQUIRED.items():
+    for name, fields in required.items():
         if all(mapping.get(f, f) in present for f in fields):
             return name
-    needs = "; ".join(f"{name}: {', '.join(_column(f, mapping) for f in fields)}" for name, fields in REQUIRED.items())
+    needs = "; ".join(f"{name}: {', '.join(_column(f, mapping) for f in fields)}" for name, fields in required.items())
     raise DataError(
         f"cannot detect the data format from the columns ({', '.join(columns) or 'none'}); the formats need "
         f"{needs}. Rename the columns, map them with data.columns, or set data.format."
@@ -96,19 +129,43 @@ def render_records(
         DataError: a record lacks a field or has one of the wrong type, or the chat template fails on it.
         ConfigError: a chat format with a tokenizer that has no chat template.
     """
-    if fmt == "auto":
-        try:
-            fmt = detect_format(records.columns, mapping)
-        except DataError as err:
-            raise DataError(f"{records.path.name}: {err}") from None
-    render = _renderer(fmt, tokenizer, train_on_prompt)
-    rendered = []
+    fmt = _resolve_format(records, fmt, mapping, REQUIRED)
+    return fmt, _render_each(records, mapping, _renderer(fmt, tokenizer, train_on_prompt))
+
+
+def render_prompts(records: Records, fmt: str, mapping: Mapping[str, str], tokenizer: Any) -> tuple[str, list[Prompt]]:
+    """Render every record's prompt for generation; `fmt` "auto" is resolved from the prompt columns alone.
+
+    messages: the conversation without its final assistant turn (that turn is the reference), or the whole
+    conversation when it does not end with one, rendered with the chat template and its generation prompt.
+    prompt_completion: the prompt (a conversational prompt as messages). alpaca: the Alpaca prompt up to
+    "### Response:\n". text: the text itself. The answer fields are optional and become `Prompt.reference`.
+
+    Raises:
+        DataError: a record lacks a prompt field or has one of the wrong type, or the chat template fails on it.
+        ConfigError: a chat format with a tokenizer that has no chat template.
+    """
+    fmt = _resolve_format(records, fmt, mapping, PROMPT_REQUIRED)
+    return fmt, _render_each(records, mapping, _prompter(fmt, tokenizer))
+
+
+def _resolve_format(records: Records, fmt: str, mapping: Mapping[str, str], required: Mapping) -> str:
+    if fmt != "auto":
+        return fmt
+    try:
+        return detect_format(records.columns, mapping, required)
+    except DataError as err:
+        raise DataError(f"{records.path.name}: {err}") from None
+
+
+def _render_each(records: Records, mapping: Mapping[str, str], render) -> list:
+    out = []
     for i, row in enumerate(records.rows):
         try:
-            rendered.append(render(_Row(row, mapping)))
+            out.append(render(_Row(row, mapping)))
         except RowError as err:
             raise DataError(f"{records.where(i)}: {err}") from None
-    return fmt, rendered
+    return out
 
 
 def _renderer(fmt: str, tokenizer: Any, train_on_prompt: bool):
@@ -125,11 +182,48 @@ def _renderer(fmt: str, tokenizer: Any, train_on_prompt: bool):
     raise ConfigError(f"`format`={fmt!r} is not one of auto, {', '.join(FORMATS)}.")
 
 
+def _prompter(fmt: str, tokenizer: Any):
+    if fmt == "text":
+        return lambda row: Prompt(row.string("text"))
+    if fmt == "alpaca":
+        return lambda row: Prompt(_alpaca_prompt(row), reference=row.string("output", optional=True) or None)
+    if fmt == "messages":
+        chat = ChatRenderer(tokenizer, fmt)
+        return lambda row: _messages_prompt(chat, row.messages("messages"))
+    if fmt == "prompt_completion":
+        holder: dict[str, ChatRenderer] = {}
+        return lambda row: _prompt_completion_prompt(row, tokenizer, holder)
+    raise ConfigError(f"`format`={fmt!r} is not one of auto, {', '.join(FORMATS)}.")
+
+
+def _alpaca_prompt(row: _Row) -> str:
+    instruction, extra = row.string("instruction"), row.string("input", optional=True)
+    return (ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=extra)
+
+
 def _alpaca(row: _Row, train_on_prompt: bool) -> Rendered:
-    instruction, output = row.string("instruction"), row.string("output")
-    extra = row.string("input", optional=True)
-    prompt = (ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=extra)
-    return _completion(prompt, output, train_on_prompt)
+    return _completion(_alpaca_prompt(row), row.string("output"), train_on_prompt)
+
+
+def _messages_prompt(chat: ChatRenderer, messages: list[dict[str, Any]]) -> Prompt:
+    # A conversation that ends with an assistant turn is a worked example: generate that turn again and keep it
+    # as the reference. One that ends with any other turn is waiting for its reply: generate it.
+    if messages[-1]["role"] == "assistant":
+        return Prompt(chat.prompt(messages[:-1]), special_tokens=False, reference=messages[-1]["content"])
+    return Prompt(chat.prompt(messages), special_tokens=False)
+
+
+def _prompt_completion_prompt(row: _Row, tokenizer: Any, holder: dict) -> Prompt:
+    completion = row.value("completion", optional=True)
+    if isinstance(completion, list):
+        reference: str | None = "\n".join(m["content"] for m in row.messages("completion"))
+    else:
+        reference = row.string("completion", optional=True) if completion is not None else None
+    if isinstance(row.value("prompt"), list):
+        if "chat" not in holder:
+            holder["chat"] = ChatRenderer(tokenizer, "prompt_completion")
+        return Prompt(holder["chat"].prompt(row.messages("prompt")), special_tokens=False, reference=reference)
+    return Prompt(row.string("prompt"), reference=reference)
 
 
 def _prompt_completion(row: _Row, tokenizer: Any, holder: dict, train_on_prompt: bool) -> Rendered:
@@ -225,7 +319,7 @@ class ChatRenderer:
         for i in range(first, len(messages)):
             if messages[i]["role"] != "assistant":
                 continue
-            prefix, upto = self._apply(messages[:i], True), self._apply(messages[: i + 1], False)
+            prefix, upto = self.prompt(messages[:i]), self._apply(messages[: i + 1], False)
             if not (upto.startswith(prefix) and text.startswith(upto)):
                 raise RowError(
                     "the chat template is not prefix-stable (rendering the first turns of the conversation does "
@@ -234,6 +328,13 @@ class ChatRenderer:
                 )
             spans.append((len(prefix), self._turn_end(upto, len(prefix))))
         return Rendered(text, tuple(spans), special_tokens=False, append_eos=False, supervise_all=supervise_all)
+
+    def prompt(self, messages: list[dict[str, Any]]) -> str:
+        """`messages` rendered with the generation prompt: what the model continues with the next assistant turn.
+
+        The training spans start exactly where this text ends, so generation sees the training layout.
+        """
+        return self._apply(messages, True)
 
     def _turn_end(self, upto: str, start: int) -> int:
         # Whitespace the template writes after the end-of-turn token is not something to predict; keep it out so

@@ -1,4 +1,4 @@
-"""Map-style datasets over tokenized examples: one example per item, or several packed into one row.
+"""Map-style datasets over tokenized examples: one example per item, several packed into one row, or prompts.
 
 A packed row concatenates whole examples (none is split) chosen by first-fit-decreasing bin packing, which is
 deterministic and fills rows to about 95 % or more on typical length mixes. Each item carries `position_ids` that
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from lightning_peft.data.tokenization import IGNORE_INDEX, TokenizedData
+from lightning_peft.data.tokenization import IGNORE_INDEX, TokenizedData, TokenizedPrompts
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -107,3 +107,27 @@ class PackedDataset(Dataset):
     def efficiency(self) -> float:
         """Real tokens over the rows' capacity (1.0 = no padding at all)."""
         return float(self.lengths.sum()) / max(1, len(self.rows) * self.capacity)
+
+
+class PromptDataset(Dataset):
+    """One prompt per item: {"input_ids" (int32 array), "index" (the row in the file), "reference" (str or None)}.
+
+    Args:
+        data: the tokenized prompts.
+        order: which prompts, in which order (default: all, in file order).
+    """
+
+    def __init__(self, data: TokenizedPrompts, order: Sequence[int] | None = None):
+        self.data = data
+        self.order = np.arange(len(data)) if order is None else np.asarray(order, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.order[i])
+        return {"input_ids": self.data.input_ids[index], "index": index, "reference": self.data.references[index]}
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.data.lengths[self.order]

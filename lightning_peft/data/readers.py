@@ -66,11 +66,11 @@ def read_records(path: str | Path) -> Records:
     return records
 
 
-def require_exists(path: str | Path) -> Path:
-    """`path` as a Path; raises `DataError` naming it when it does not exist."""
+def require_exists(path: str | Path, setting: str = "data.train_file/val_file") -> Path:
+    """`path` as a Path; raises `DataError` naming it (and the `setting` that gave it) when it does not exist."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"Data file {str(path)!r} does not exist; check the path given to data.train_file/val_file.")
+        raise DataError(f"Data file {str(path)!r} does not exist; check the path given to {setting}.")
     return path
 
 

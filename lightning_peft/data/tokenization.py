@@ -1,5 +1,8 @@
 """Rendered text → token ids and labels; truncation and dropping; one data file end to end through the cache.
 
+Prompts for generation (`prepare_prompts`) go through the same encoder, without labels, cache or dropping: a prompt
+that is too long loses its start (left truncation keeps the text that the answer continues).
+
 Labels follow the Hugging Face convention: the same length as `input_ids`, not shifted (the model shifts), -100 where
 no loss is taken. The first label of every example is -100 as well: nothing precedes that token, so an unpacked
 model never uses it, and in a packed row it would otherwise be "predicted" from the previous example's last token.
@@ -14,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_peft.data.formats import Rendered
+from lightning_peft.data.formats import Prompt, Rendered
 from lightning_peft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -113,11 +116,7 @@ def tokenize_rendered(
         DataError: an example is longer than max_length and truncation is off.
         ConfigError: the tokenizer is not a fast tokenizer, or has no EOS token where one must be appended.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(
-            f"`tokenizer` {type(tokenizer).__name__} is not a fast (Rust) tokenizer; the supervised tokens are "
-            "located by character offsets, which only fast tokenizers give. Load it with use_fast=True."
-        )
+    _require_fast(tokenizer)
     eos = tokenizer.eos_token_id
     if eos is None and any(r.append_eos for r in rendered):
         raise ConfigError("The tokenizer has no EOS token to end each example with; set `tokenizer.eos_token`.")
@@ -145,7 +144,15 @@ def tokenize_rendered(
     return _pack_arrays(ids_out, labels_out, records, truncated, dropped, len(rendered), fmt)
 
 
-def _encode(tokenizer: Any, chunk: Sequence[Rendered]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+def _require_fast(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"`tokenizer` {type(tokenizer).__name__} is not a fast (Rust) tokenizer; the supervised tokens are "
+            "located by character offsets, which only fast tokenizers give. Load it with use_fast=True."
+        )
+
+
+def _encode(tokenizer: Any, chunk: Sequence[Rendered | Prompt]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     out = []
     # One file has one format, but group by the flag anyway so the batch API can be used in every case.
     for flag in (True, False):
@@ -238,3 +245,89 @@ def prepare_file(
     if not cache:
         return build()
     return data_cache.cached(path, settings, tokenizer, build)
+
+
+@dataclass
+class TokenizedPrompts:
+    """The prompts of one file, one per row, in file order.
+
+    Attributes:
+        input_ids: the token ids of each prompt (int32 arrays).
+        references: each row's answer when the file holds one, else None.
+        truncated: whether each prompt lost its start to max_length (bool).
+        format: the data format used (after auto-detection).
+    """
+
+    input_ids: list[np.ndarray]
+    references: list[str | None]
+    truncated: np.ndarray
+    format: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(ids) for ids in self.input_ids], dtype=np.int64)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for logs and `SFTDataModule.stats`."""
+        return {"prompts": len(self), "tokens": int(self.lengths.sum()), "truncated": int(self.truncated.sum())}
+
+
+def tokenize_prompts(
+    prompts: Sequence[Prompt],
+    tokenizer: Any,
+    max_length: int,
+    truncation: bool = True,
+    fmt: str = "",
+    where: Callable[[int], str] = str,
+) -> TokenizedPrompts:
+    """Tokenize prompts for generation: no labels, no EOS, and long prompts cut from the left or refused.
+
+    Raises:
+        DataError: a prompt is longer than max_length with truncation off, or has no token at all.
+        ConfigError: the tokenizer is not a fast tokenizer.
+    """
+    _require_fast(tokenizer)
+    eos = tokenizer.eos_token_id
+    ids_out, truncated = [], []
+    for start in range(0, len(prompts), _BATCH):
+        chunk = prompts[start : start + _BATCH]
+        for j, (ids, offsets) in enumerate(_encode(tokenizer, chunk)):
+            i = start + j
+            # A post-processor that appends EOS (as for plain-text training) would tell the model to stop at once.
+            if len(ids) > 1 and ids[-1] == eos and tuple(offsets[-1]) == (0, 0):
+                ids = ids[:-1]
+            if not ids:
+                raise DataError(f"{where(i)}: the prompt is empty; give every row a prompt to continue.")
+            too_long = len(ids) > max_length
+            if too_long and not truncation:
+                raise DataError(
+                    f"{where(i)}: the prompt is {len(ids)} tokens long, more than max_length={max_length}; "
+                    "raise data.max_length or set data.truncation: true (keeps the last max_length tokens)."
+                )
+            ids_out.append(np.asarray(ids[-max_length:], dtype=np.int32))
+            truncated.append(too_long)
+    return TokenizedPrompts(
+        input_ids=ids_out,
+        references=[p.reference for p in prompts],
+        truncated=np.asarray(truncated, dtype=bool),
+        format=fmt,
+    )
+
+
+def prepare_prompts(
+    path: str, *, fmt: str, columns: Mapping[str, str], max_length: int, truncation: bool, tokenizer: Any
+) -> TokenizedPrompts:
+    """Read one file of prompts with the training readers and formats and tokenize them (never cached).
+
+    Raises:
+        DataError: the file is missing or malformed, or a prompt is too long with truncation off.
+    """
+    from lightning_peft.data.formats import render_prompts
+    from lightning_peft.data.readers import read_records
+
+    records = read_records(path)
+    used, prompts = render_prompts(records, fmt, columns, tokenizer)
+    return tokenize_prompts(prompts, tokenizer, max_length, truncation, used, records.where)
