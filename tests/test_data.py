@@ -389,3 +389,19 @@ def test_trainer_fit_with_packing_and_validation(chat_file, tiny_model_dir, tiny
     assert dm.tokenizer is tiny_tokenizer
     assert trainer.global_step == 2 * len(dm.train_dataloader())
     assert module.val_batches == 2 * len(dm.val_dataloader())
+
+
+def test_test_file_feeds_the_test_loop_only(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"q{i} ", "completion": f"a{i}"} for i in range(3)]
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = SFTDataModule(test_file=str(test_file), tokenizer=tiny_tokenizer, batch_size=2)
+    data.setup("test")
+    batches = list(data.test_dataloader())
+    assert sum(len(b["input_ids"]) for b in batches) == 3
+    assert data.stats["test"]["examples"] == 3 and data.train_dataset is None
+
+
+def test_testing_without_a_test_file_says_how_to_fix_it(tiny_tokenizer, tmp_path):
+    with pytest.raises(ConfigError, match="`test_file`=None: testing needs its own data; set data.test_file"):
+        SFTDataModule(str(tmp_path / "train.jsonl"), tokenizer=tiny_tokenizer).setup("test")

@@ -66,6 +66,19 @@ def test_qlora_trains_on_the_cpu(tiny_model_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_8bit_base_trains_on_the_cpu(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    module = make_module(tiny_model_dir, quantization="8bit", learning_rate=1e-2)
+    module.configure_model()
+    assert isinstance(module.model.base_model.model.model.layers[0].mlp.down_proj.base_layer, bnb.nn.Linear8bitLt)
+    before = adapter_tensors(module)
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, train_dataloaders=token_batches())
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in adapter_tensors(module).items())
+
+
 def test_quantization_options_reach_bitsandbytes(tiny_model_dir):
     module = make_module(tiny_model_dir, quantization="4bit", quantization_options={"bnb_4bit_quant_type": "fp4"})
     module.configure_model()
@@ -207,15 +220,20 @@ def test_invalid_settings_fail_at_construction(tiny_model_dir, kwargs, match):
         make_module(tiny_model_dir, **kwargs)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"])
 def test_optimizers_step(tiny_model_dir, tmp_path, optimizer):
     module = make_module(tiny_model_dir, optimizer=optimizer, learning_rate=1e-2, warmup_steps=1)
-    before = None
     module.configure_model()
     before = adapter_tensors(module)
     trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(module, train_dataloaders=token_batches())
-    assert type(trainer.optimizers[0]).__name__.lower().replace("8bit", "_8bit").startswith(optimizer.split("_")[0])
+    expected = {
+        "adamw": "AdamW",
+        "adamw_8bit": "AdamW8bit",
+        "paged_adamw": "PagedAdamW",
+        "paged_adamw_8bit": "PagedAdamW8bit",
+    }
+    assert type(trainer.optimizers[0]).__name__ == expected[optimizer]
     assert any(not torch.equal(before[k], v) for k, v in adapter_tensors(module).items())
 
 

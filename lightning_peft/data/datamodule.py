@@ -61,6 +61,7 @@ class SFTDataModule(LightningDataModule):
         tokenizer: the tokenizer's model name or path (given to `lightning_peft.models.load_tokenizer`); from
             Python a tokenizer object is accepted too. The `lpeft` CLI links it to `model.model_name_or_path`.
         cache: keep tokenized data on disk (`$LPEFT_DATA_CACHE`) and reuse it when nothing changed.
+        test_file: the data `lpeft test` (`Trainer.test`) measures, in any of the file forms and formats above.
         predict_file: prompts to complete with `lpeft predict` (`Trainer.predict`), in any of the file forms,
             formats and column mappings above. Each row gives its prompt only: a conversation without its final
             assistant turn (or the whole conversation when it ends with another role) with the chat template's
@@ -89,11 +90,13 @@ class SFTDataModule(LightningDataModule):
         tokenizer: str | None = None,
         cache: bool = True,
         predict_file: str | None = None,
+        test_file: str | None = None,
     ) -> None:
         super().__init__()
         _validate(
             train_file=train_file,
             predict_file=predict_file,
+            test_file=test_file,
             val_file=val_file,
             val_fraction=val_fraction,
             format=format,
@@ -106,7 +109,7 @@ class SFTDataModule(LightningDataModule):
         # A tokenizer object is not a hyperparameter (and should not be pickled into checkpoints); its name is.
         self.save_hyperparameters(ignore=None if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
         self.train_file, self.val_file = _str_or_none(train_file), _str_or_none(val_file)
-        self.predict_file = _str_or_none(predict_file)
+        self.predict_file, self.test_file = _str_or_none(predict_file), _str_or_none(test_file)
         self.val_fraction = val_fraction
         self.format, self.columns = format, dict(columns or {})
         self.max_length, self.truncation, self.train_on_prompt = max_length, truncation, train_on_prompt
@@ -118,6 +121,7 @@ class SFTDataModule(LightningDataModule):
         self.stats: dict[str, dict[str, Any]] = {}
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
         self.predict_dataset: PromptDataset | None = None
         if val_file is None and val_fraction is None:
             # Lightning looks the hook up on the instance: None reads as "no validation data", so the validation
@@ -166,10 +170,25 @@ class SFTDataModule(LightningDataModule):
         With `stage` None (a direct call), every file given is prepared.
         """
         wants_predict = stage == "predict" or (stage is None and self.predict_file is not None)
+        wants_test = stage == "test" or (stage is None and self.test_file is not None)
         if wants_predict:
             self._setup_predict()
-        if stage != "predict" and not (wants_predict and self.train_file is None):
+        if wants_test:
+            self._setup_test()
+        if stage in ("fit", "validate") or (stage is None and self.train_file is not None):
             self._setup_train(stage or "fit")
+
+    def _setup_test(self) -> None:
+        if self.test_dataset is not None:
+            return
+        if self.test_file is None:
+            raise ConfigError(
+                "`test_file`=None: testing needs its own data; set data.test_file, e.g. "
+                "`lpeft test --config run.yaml --data.test_file test.jsonl` (or use `lpeft validate`)."
+            )
+        test = self._prepare(self.test_file, "data.test_file")
+        self.stats["test"] = self._report("test", test, self.test_file)
+        self.test_dataset = self._dataset(test, "test", shuffle=False)
 
     def _setup_train(self, stage: str) -> None:
         if self.train_dataset is not None:
@@ -185,7 +204,7 @@ class SFTDataModule(LightningDataModule):
             train, val = split_train_val(train, self.val_fraction, self.seed, self.train_file)
         elif val is not None and val.format != train.format:
             _warn("The training data is in format %r but the validation data in %r", train.format, val.format)
-        self.stats = {"train": self._report("train", train, self.train_file)}
+        self.stats["train"] = self._report("train", train, self.train_file)
         self.train_dataset = self._dataset(train, "train", shuffle=True)
         if val is not None:
             self.stats["val"] = self._report("val", val, self.val_file or self.train_file)
@@ -230,6 +249,13 @@ class SFTDataModule(LightningDataModule):
             self._require_setup(self.train_dataset)
             return []
         return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in a fixed order, longest first."""
+        if self.test_dataset is None:
+            raise RuntimeError("SFTDataModule.setup('test') must run before test_dataloader().")
+        return self._loader(self.test_dataset, self.val_batch_size, shuffle=False)
 
     @override
     def predict_dataloader(self) -> DataLoader:
@@ -375,7 +401,7 @@ def split_train_val(data: TokenizedData, fraction: float, seed: int, path: str) 
 def _validate(**args: Any) -> None:
     """Every problem with the arguments, in one ConfigError."""
     problems = []
-    for name in ("train_file", "predict_file"):
+    for name in ("train_file", "predict_file", "test_file"):
         value = args[name]
         if value is not None and (not isinstance(value, str | os.PathLike) or not str(value).strip()):
             problems.append(f"`{name}`={value!r} must be the path of a data file or folder")
