@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.models import linear_module_names
+from lightning_peft.models import linear_module_names, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +61,8 @@ def build_peft_config(adapter: PeftConfig | dict[str, Any] | None) -> PeftConfig
         )
     if config.task_type is None:
         config.task_type = "CAUSAL_LM"
+    if getattr(config, "tokenizer_name_or_path", None):  # prompt tuning's TEXT init loads this tokenizer itself
+        config.tokenizer_name_or_path = resolve_model(config.tokenizer_name_or_path)
     if getattr(config, "target_modules", "absent") is None and _peft_type(config) not in _KEEP_PEFT_DEFAULT_TARGETS:
         config.target_modules = DEFAULT_TARGET_MODULES
     return config

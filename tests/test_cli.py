@@ -88,7 +88,11 @@ def test_fit_runs_and_writes_the_adapter(tmp_path, tiny_model_dir):
     [
         (["--model.learning_rate", "-1"], 2, "lpeft: error: `learning_rate`=-1.0 must be > 0."),
         (["--data.train_file", "missing.jsonl"], 3, "lpeft: error: Data file 'missing.jsonl' does not exist"),
-        (["--model.adapter", '{"target_modules": ["nope"]}'], 2, "lpeft: error: `adapter.target_modules` ['nope'] match no module"),
+        (
+            ["--model.adapter", '{"target_modules": ["nope"]}'],
+            2,
+            "lpeft: error: `adapter.target_modules` ['nope'] match no module",
+        ),
     ],
 )
 def test_errors_are_one_line_with_an_exit_code(tmp_path, tiny_model_dir, override, code, message):
@@ -100,10 +104,38 @@ def test_errors_are_one_line_with_an_exit_code(tmp_path, tiny_model_dir, overrid
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
-    result = lpeft("--debug", "fit", "--config", str(write_config(tmp_path, tiny_model_dir)), "--model.learning_rate", "0")
+    result = lpeft(
+        "--debug", "fit", "--config", str(write_config(tmp_path, tiny_model_dir)), "--model.learning_rate", "0"
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
 def test_unknown_config_key_is_a_usage_error(tmp_path, tiny_model_dir):
     result = lpeft("fit", "--config", str(write_config(tmp_path, tiny_model_dir)), "--model.learning_rat", "1")
     assert result.returncode == 2 and "learning_rat" in result.stderr
+
+
+def test_the_console_script_imports_user_classes_from_the_current_folder():
+    import shutil
+    from pathlib import Path
+
+    script = shutil.which("lpeft")
+    if script is None:
+        pytest.skip("the lpeft console script is not installed (pip install -e .)")
+    project = Path(__file__).parents[1] / "examples" / "custom_loss"
+    result = subprocess.run(
+        [script, "fit", "--model.help", "my_project.model.SmoothedZLossLM"], capture_output=True, text=True, cwd=project
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--model.label_smoothing" in result.stdout
+
+
+def test_adalora_takes_its_schedule_length_from_max_steps(tmp_path, tiny_model_dir):
+    adapter = {"class_path": "peft.AdaLoraConfig", "init_args": {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 0}}
+    config = str(write_config(tmp_path, tiny_model_dir, adapter=adapter))
+    result = lpeft("fit", "--config", config)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "runs" / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["total_step"] == 2
+    result = lpeft("fit", "--config", config, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1")
+    assert result.returncode == 2 and "AdaLoRA needs the number of training steps" in result.stderr

@@ -113,4 +113,7 @@ def _configure_logging(debug: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
+    # Like `python -m`, let configs name classes of the user's project in the current folder (model.class_path).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="lpeft")

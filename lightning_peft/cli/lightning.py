@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_peft.callbacks import PredictionWriter
 from lightning_peft.data import SFTDataModule
+from lightning_peft.errors import ConfigError
 from lightning_peft.models import auto_precision
 from lightning_peft.module import PeftCausalLM
 
@@ -34,6 +35,7 @@ class LpeftCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("precision") is None:
             config.trainer.precision = auto_precision()
+        _fill_adalora_total_step(config)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -42,6 +44,21 @@ class LpeftCLI(LightningCLI):
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())
         return trainer
+
+
+def _fill_adalora_total_step(config: Any) -> None:
+    """AdaLoRA needs its schedule length when its config is built, which jsonargparse does before the Trainer
+    exists: take it from `trainer.max_steps`, as the module does from Python."""
+    adapter = config.model.init_args.get("adapter") if config.get("model") else None
+    if not hasattr(adapter, "class_path") or not str(adapter.class_path).endswith("AdaLoraConfig"):
+        return
+    if adapter.init_args.get("total_step") is None:
+        max_steps = config.trainer.get("max_steps") or -1
+        if max_steps <= 0:
+            raise ConfigError(
+                "AdaLoRA needs the number of training steps: set `model.adapter.init_args.total_step` or `trainer.max_steps`."
+            )
+        adapter.init_args.total_step = max_steps
 
 
 def run_lightning_cli(args: list[str]) -> LightningCLI:

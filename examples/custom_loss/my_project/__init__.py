@@ -1,0 +1,1 @@
+"""A user project that customizes lightning-peft by subclassing `PeftCausalLM`."""
