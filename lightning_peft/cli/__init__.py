@@ -117,3 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="lpeft")
+
+
+from lightning_peft.cli.hub import register as _register_hub_commands  # noqa: E402 (the group must exist first)
+
+_register_hub_commands(cli)

@@ -1,0 +1,194 @@
+"""`lpeft publish | pull | versions | inspect`: the adapter marketplace on the command line.
+
+Only click is imported here; the commands import `lightning_peft.hub` when they run, and torch only for the
+logits check of `publish` (skip it with `--no-verify`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+REGISTRY_HELP = (
+    "`hf` for the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN), an http(s) Hub URL, or a local registry folder "
+    "[default: $LPEFT_REGISTRY or ~/.local/share/lightning_peft/registry]."
+)
+
+
+def _run(ctx: click.Context, action: Callable[[], Any]) -> None:
+    """Run `action` under the CLI's error handling, showing library warnings as `lpeft: warning:` lines."""
+    from lightning_peft.cli import _run_guarded
+
+    def guarded() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                action()
+            finally:
+                for warning in caught:
+                    if issubclass(warning.category, UserWarning) and "lightning_peft" in str(warning.filename):
+                        click.echo(f"lpeft: warning: {warning.message}", err=True)
+
+    _run_guarded(ctx, guarded)
+
+
+@click.command()
+@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("repo_id")
+@click.option("--version", "version", metavar="X.Y.Z", help="The version to publish (semver).")
+@click.option("--bump", type=click.Choice(["major", "minor", "patch"]), help="Bump the latest published version.")
+@click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
+@click.option("--private", is_flag=True, help="Create the Hub repo private.")
+@click.option("--license", "license_id", metavar="ID", help="License id for the card (e.g. apache-2.0).")
+@click.option("--message", "-m", default="", help="What changed in this version.")
+@click.option("--description", help="What the adapter does, for the card (a factual sentence otherwise).")
+@click.option(
+    "--dataset", "datasets", multiple=True, metavar="ID", help="A Hub data set it was trained on (repeatable)."
+)
+@click.option("--base", metavar="PATH_OR_ALIAS", help="The base model [default: the adapter config's].")
+@click.option("--base-model-id", metavar="ID", help="The base model's Hub id for the card, when it cannot be inferred.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="The run's log dir [default: the adapter's parent].")
+@click.option("--allow-pickle", is_flag=True, help="Publish pickle (.bin) weights; they are never unpickled here.")
+@click.option("--no-verify", is_flag=True, help="Skip reloading the package onto the base to compare logits.")
+@click.option("--dry-run", is_flag=True, help="Package and verify, but publish nothing.")
+@click.option("--out", type=click.Path(file_okay=False), help="Also write the package folder here.")
+@click.pass_context
+def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) -> None:
+    """Package ADAPTER_DIR (card, manifest, checksums) and publish it as a new version of REPO_ID (org/name)."""
+
+    def action() -> None:
+        from lightning_peft.hub import publish as publish_adapter
+
+        result = publish_adapter(
+            adapter_dir,
+            repo_id,
+            registry=options["registry"],
+            version=options["version"],
+            bump=options["bump"],
+            message=options["message"],
+            private=options["private"],
+            dry_run=options["dry_run"],
+            out=options["out"],
+            verify=not options["no_verify"],
+            license=options["license_id"],
+            description=options["description"],
+            datasets=list(options["datasets"]),
+            base=options["base"],
+            base_model_id=options["base_model_id"],
+            run_dir=options["run_dir"],
+            allow_pickle=options["allow_pickle"],
+        )
+        files = len(result.manifest["files"]) + 1
+        if result.dry_run:
+            click.echo(f"Dry run: {repo_id} {result.version} ({files} files) is ready; nothing was published.")
+        else:
+            click.echo(f"Published {repo_id} {result.version} ({files} files) to {result.location}")
+        if options["out"]:
+            click.echo(f"Package written to {options['out']}")
+
+    _run(ctx, action)
+
+
+@click.command()
+@click.argument("reference", metavar="REPO_ID[@SPEC]")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="The folder to write.")
+@click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
+@click.option("--base", metavar="MODEL", help="Check the adapter against this base model (alias, folder, Hub id).")
+@click.option("--force", is_flag=True, help="Accept a base whose fingerprint differs (with a warning).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --to folder.")
+@click.pass_context
+def pull(ctx: click.Context, reference: str, **options: Any) -> None:
+    """Download a version of an adapter, checking every checksum before anything lands in --to.
+
+    SPEC is a version (1.2.3), a range (^1.2, ~1.2, >=1,<2) or `latest` (the default).
+    """
+
+    def action() -> None:
+        from lightning_peft.hub import pull as pull_adapter
+
+        result = pull_adapter(reference, options["to"], **{k: v for k, v in options.items() if k != "to"})
+        checked = "; base fingerprint matches" if result.base_matches else ""
+        click.echo(f"Pulled {result.repo_id} {result.version} into {result.path} (checksums verified{checked})")
+
+    _run(ctx, action)
+
+
+@click.command()
+@click.argument("repo_id")
+@click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
+@click.pass_context
+def versions(ctx: click.Context, repo_id: str, registry: str | None) -> None:
+    """List the published versions of REPO_ID, newest first."""
+
+    def action() -> None:
+        from lightning_peft.hub import list_versions
+        from lightning_peft.hub.versions import latest
+
+        found = list_versions(repo_id, registry=registry)
+        if not found:
+            click.echo(f"{repo_id}: no published version")
+            return
+        newest = latest(info.version for info in found)
+        for info in reversed(found):
+            mark = "  (latest)" if info.version == newest else ""
+            details = "  ".join(str(x) for x in (info.created_at, info.message) if x)
+            click.echo(f"{info.version}{mark}  {details}".rstrip())
+
+    _run(ctx, action)
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--base", metavar="MODEL", help="Check compatibility with this base model (alias, folder, Hub id).")
+@click.option("--force", is_flag=True, help="Report a base mismatch instead of failing on it.")
+@click.pass_context
+def inspect(ctx: click.Context, directory: str, base: str | None, force: bool) -> None:
+    """Show a package's manifest, check its files, serving compatibility and (with --base) its base model."""
+
+    def action() -> None:
+        from lightning_peft.errors import DataError
+        from lightning_peft.hub import inspect as inspect_folder
+
+        report = inspect_folder(directory, base=base, force=force)
+        for line in _report_lines(report):
+            click.echo(line)
+        if report.file_problems:
+            raise DataError(f"{directory}: {report.file_problems[0]} ({len(report.file_problems)} problem(s)).")
+
+    _run(ctx, action)
+
+
+def _report_lines(report: Any) -> list[str]:
+    config, manifest = report.adapter_config, report.manifest
+    lines = [f"{report.path}: {config.get('peft_type')} adapter (base {config.get('base_model_name_or_path')})"]
+    if manifest is None:
+        lines.append("  no lpeft_manifest.json: a plain PEFT adapter, not a package (checksums cannot be checked)")
+    else:
+        base = manifest["base_model"]
+        lines += [
+            f"  package: {manifest['name']} {manifest['version']} (created {manifest.get('created_at')})",
+            f"  base: {base.get('id') or 'local model'}  fingerprint {base['fingerprint']}",
+            f"  files: {len(manifest['files'])} listed, "
+            + ("all match their sha256" if not report.file_problems else f"{len(report.file_problems)} problem(s)"),
+        ]
+        lines += [f"    {problem}" for problem in report.file_problems]
+        lines += [f"  not in the manifest: {', '.join(report.extra_files)}"] if report.extra_files else []
+    lines += [f"  serving: {p}" for p in report.serving_problems] or ["  serving: vLLM can load it as a LoRA adapter"]
+    lines += [f"  serving: {n}" for n in report.serving_notes]
+    if report.base_matches is not None:
+        lines.append(
+            "  base: the fingerprint matches" if report.base_matches else "  base: MISMATCH (accepted with --force)"
+        )
+    return lines
+
+
+COMMANDS = (publish, pull, versions, inspect)
+
+
+def register(group: click.Group) -> None:
+    """Add the marketplace commands to the `lpeft` group."""
+    for command in COMMANDS:
+        group.add_command(command)

@@ -1,0 +1,54 @@
+"""Folders that appear whole or not at all: write into a hidden sibling, then `os.rename` it into place.
+
+A rename within one filesystem is atomic, so a reader (or a crash) never sees a half-written package, pull
+or registry version; a failure removes the staging folder and leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from lightning_peft.errors import ConfigError
+
+
+def check_target(target: Path, *, overwrite: bool = False, option: str = "--to") -> None:
+    """Refuse a target folder that exists with content, unless `overwrite`."""
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"`{option}` {target} exists and is not a folder.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"`{option}` {target} exists and is not empty; choose another folder or pass --overwrite.")
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder next to `target`; on success it becomes `target`, on failure it is removed."""
+    target = Path(target)
+    check_target(target, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield staging
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Move `source` to `target` (same filesystem), replacing an existing `target` folder."""
+    if not target.exists():
+        os.rename(source, target)
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+        os.rename(source, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
+    os.rename(source, target)
+    shutil.rmtree(old, ignore_errors=True)

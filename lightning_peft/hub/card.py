@@ -1,0 +1,258 @@
+"""The adapter's model card (`README.md`), written from its manifest with huggingface_hub's `ModelCard`.
+
+Metadata: `base_model` (a Hub id — when the base is a local folder with no known id, `base_model` and
+`base_model_relation` are left out rather than filled with a path, and the body says so), `base_model_relation:
+adapter`, `library_name: peft`, `pipeline_tag: text-generation`, license, Hub data sets, tags and a `model-index`
+holding the logged evaluation metrics. The body says what the adapter is, how to use it, how it was trained,
+its loss curve, version history and checksums. Anything the run did not record is said to be unrecorded;
+nothing is a placeholder. The text has no timestamp, so the same manifest always gives the same card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning_peft.errors import ConfigError
+from lightning_peft.hub.manifest import MANIFEST_FILE
+from lightning_peft.hub.plot import LOSS_CURVE_FILE
+
+CARD_FILE = "README.md"
+_METHOD_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "IA3": "IA³", "LOHA": "LoHa", "LOKR": "LoKr"}
+_DATA_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_SPLITS = {"val": "validation", "test": "test"}
+
+
+def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_note: str | None) -> str:
+    """The README.md text for a package whose manifest lists every file but the card itself.
+
+    Args:
+        manifest: The package manifest (see `manifest.py`).
+        description: What the adapter does, in the author's words; a factual sentence is written without it.
+        loss_curve_note: Why there is no loss curve image (None when `loss_curve.png` is in the package).
+
+    Raises:
+        ConfigError: the metadata does not survive a `ModelCard` round trip.
+    """
+    from huggingface_hub import ModelCard
+
+    body = "\n\n".join(
+        [
+            f"# {manifest['name']}",
+            description or _default_description(manifest),
+            _overview(manifest),
+            _usage(manifest),
+            _training(manifest, loss_curve_note),
+            _evaluation(manifest),
+            _compatibility(manifest),
+            _history(manifest),
+            _files(manifest),
+        ]
+    )
+    text = f"---\n{_card_data(manifest).to_yaml()}\n---\n\n{body}\n"
+    card = ModelCard(text)  # parses the metadata back: a card that does not round-trip is refused here
+    if card.data.to_dict().get("base_model") != manifest["base_model"]["id"]:
+        raise ConfigError(
+            f"The model card's base_model does not round-trip ({card.data.to_dict().get('base_model')!r})."
+        )
+    return str(card)
+
+
+def _card_data(manifest: dict[str, Any]) -> Any:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    base_id = manifest["base_model"]["id"]
+    data_type, data_name = _eval_dataset(manifest)
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=data_type,
+            dataset_name=data_name,
+            dataset_split=_SPLITS.get(metric.split("_", 1)[0]),
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=value,
+        )
+        for metric, value in sorted(manifest["evaluation"].items())
+    ]
+    extra = {"base_model_relation": "adapter"} if base_id else {}
+    return ModelCardData(
+        base_model=base_id,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        license=manifest.get("license"),
+        datasets=manifest["datasets"]["hub"] or None,
+        tags=["lightning-peft", "peft", manifest["adapter"]["method"].lower(), "adapter"],
+        model_name=manifest["name"].split("/")[-1] if results else None,
+        eval_results=results or None,
+        **extra,
+    )
+
+
+def _eval_dataset(manifest: dict[str, Any]) -> tuple[str, str]:
+    """The data set the metrics were measured on: a Hub id, or the loader type and name of a local file."""
+    hub = manifest["datasets"]["hub"]
+    files = manifest["datasets"]["files"]
+    name = files.get("validation") or files.get("test")
+    if hub and not name:
+        return hub[0], hub[0]
+    if name:
+        return _DATA_TYPES.get(Path(name).suffix.lower(), "custom"), name
+    return "custom", "held-out split of the training data"
+
+
+def _method(manifest: dict[str, Any]) -> str:
+    method = manifest["adapter"]["method"]
+    return _METHOD_NAMES.get(method, method)
+
+
+def _base_link(manifest: dict[str, Any]) -> str:
+    base_id = manifest["base_model"]["id"]
+    return f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a local base model with no Hub id"
+
+
+def _default_description(manifest: dict[str, Any]) -> str:
+    files = manifest["datasets"]["files"]
+    data = f", fine-tuned on `{files['train']}`" if files.get("train") else ""
+    return f"A {_method(manifest)} adapter for {_base_link(manifest)}{data}, trained and packaged with lightning-peft."
+
+
+def _overview(manifest: dict[str, Any]) -> str:
+    base = manifest["base_model"]
+    rows = [
+        (
+            "Version",
+            manifest["version"] + (f" (follows {manifest['parent_version']})" if manifest["parent_version"] else ""),
+        ),
+        ("Base model", _base_link(manifest) + (f" at revision `{base['revision']}`" if base.get("revision") else "")),
+        ("Base fingerprint", f"`{base['fingerprint']}`"),
+        ("Method", f"{_method(manifest)} ({_short_hparams(manifest['adapter']['hyperparameters'])})"),
+        ("License", manifest.get("license") or "none given by the author"),
+    ]
+    note = (
+        ""
+        if base["id"]
+        else "\n\nThe base model was a local folder with no known Hub id, so the metadata has no `base_model`; "
+        "the fingerprint above identifies it exactly."
+    )
+    return _table(("", ""), rows) + note
+
+
+def _short_hparams(hparams: dict[str, Any]) -> str:
+    keys = ("r", "lora_alpha", "lora_dropout", "num_virtual_tokens", "target_modules")
+    return ", ".join(f"{k}={_fmt(hparams[k])}" for k in keys if k in hparams) or "default settings"
+
+
+def _usage(manifest: dict[str, Any]) -> str:
+    name, version = manifest["name"], manifest["version"]
+    base = manifest["base_model"]["id"] or "path/to/the/base-model"
+    short = name.split("/")[-1]
+    peft = (
+        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+        f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```'
+    )
+    lpeft = (
+        f"```bash\nlpeft pull {name}@{version} --to adapters/{short} --base {base}  # checks checksums and the base\n"
+        f"lpeft validate --config run.yaml --model.adapter_path adapters/{short}\n```"
+    )
+    serving = manifest["serving"]
+    if serving["vllm_compatible"]:
+        rank = f" --max-lora-rank {serving['max_lora_rank']}" if serving.get("max_lora_rank") else ""
+        vllm = f"```bash\nvllm serve {base} --enable-lora --lora-modules {short}=adapters/{short}{rank}\n```"
+    else:
+        vllm = "vLLM cannot load this adapter as it is: " + " ".join(serving["problems"])
+    return f"## How to use\n\nWith PEFT:\n\n{peft}\n\nWith lightning-peft:\n\n{lpeft}\n\nWith vLLM:\n\n{vllm}"
+
+
+def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
+    training = manifest["training"]
+    summary = training["summary"]
+    rows = [
+        ("Steps", summary.get("steps")),
+        ("Tokens", summary.get("tokens")),
+        ("Duration", f"{summary['duration_s']:.0f} s" if summary.get("duration_s") is not None else None),
+        ("Hardware", summary.get("hardware")),
+        ("Final training loss", summary.get("final_train_loss")),
+        ("Final validation loss", summary.get("final_val_loss")),
+    ]
+    parts = ["## Training", _table(("", ""), [(k, "not recorded" if v is None else _fmt(v)) for k, v in rows])]
+    hparams = {**manifest["adapter"]["hyperparameters"], **training["hyperparameters"]}
+    parts.append(
+        "Hyperparameters:\n\n" + _table(("setting", "value"), [(k, _fmt(v)) for k, v in sorted(hparams.items())])
+    )
+    parts.append(_data_sentence(manifest))
+    if loss_curve_note is None:
+        parts.append(f"![Training and validation loss]({LOSS_CURVE_FILE})")
+    else:
+        parts.append(loss_curve_note)
+    sources = training["sources"]
+    parts.append(
+        f"Read from the run's {', '.join(f'`{s}`' for s in sources)}."
+        if sources
+        else "No run files (metrics.csv, hparams.yaml) were found next to the adapter, so the run is not described here."
+    )
+    return "\n\n".join(parts)
+
+
+def _data_sentence(manifest: dict[str, Any]) -> str:
+    files, hub = manifest["datasets"]["files"], manifest["datasets"]["hub"]
+    parts = [f"{role}: `{name}`" for role, name in sorted(files.items())]
+    parts += [f"[{d}](https://huggingface.co/datasets/{d})" for d in hub]
+    return "Data: " + "; ".join(parts) + "." if parts else "Data: not recorded."
+
+
+def _evaluation(manifest: dict[str, Any]) -> str:
+    metrics = manifest["evaluation"]
+    if not metrics:
+        return "## Evaluation\n\nNo evaluation metrics were logged during training."
+    _, name = _eval_dataset(manifest)
+    rows = [(k, _fmt(v)) for k, v in sorted(metrics.items())]
+    return f"## Evaluation\n\nLast logged values, on {name}:\n\n" + _table(("metric", "value"), rows)
+
+
+def _compatibility(manifest: dict[str, Any]) -> str:
+    serving = manifest["serving"]
+    lines = [
+        "## Compatibility",
+        f"The base model's fingerprint (`{manifest['base_model']['fingerprint_method']}`: a sha256 over its config "
+        "and every weight tensor) is recorded in `lpeft_manifest.json`. `lpeft pull ... --base MODEL` and "
+        "`lpeft inspect DIR --base MODEL` refuse a base whose weights differ.",
+    ]
+    if serving["vllm_compatible"]:
+        lines.append("Serving: vLLM can load it as a LoRA adapter. " + " ".join(serving["notes"]))
+    else:
+        lines.append("Serving: " + " ".join(serving["problems"]))
+    return "\n\n".join(line.rstrip() for line in lines)
+
+
+def _history(manifest: dict[str, Any]) -> str:
+    current = f"- **{manifest['version']}** (this version)" + (
+        f": {manifest['message']}" if manifest.get("message") else ""
+    )
+    earlier = [f"- {v}" for v in manifest.get("history", [])]
+    return "## Version history\n\n" + "\n".join([current, *earlier])
+
+
+def _files(manifest: dict[str, Any]) -> str:
+    rows = [(f"`{f['path']}`", f"{f['size']:,}", f"`{f['sha256']}`") for f in manifest["files"]]
+    return (
+        "## Files\n\n"
+        + _table(("file", "bytes", "sha256"), rows)
+        + f"\n\n`{MANIFEST_FILE}` lists these and this card with their checksums; `lpeft pull` verifies them all."
+    )
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,170 @@
+"""The Hugging Face Hub as a registry, through `huggingface_hub.HfApi`.
+
+Each version is one commit on `main` that holds every file of the package (files of the previous version that
+the new one lacks are deleted in that same commit), tagged `vX.Y.Z`; versions are listed from the tags and
+downloaded at their tag. The endpoint is `HF_ENDPOINT` (or the URL given as `--registry`); the token comes
+from the usual places (`HF_TOKEN`, `hf auth login`) through `huggingface_hub.get_token()`. It is only ever
+sent in request headers: nothing here writes it anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path
+from lightning_peft.hub.registry import Registry, VersionInfo
+from lightning_peft.hub.versions import tag_for, version_of_tag
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+    from semver import Version
+
+# Files the Hub keeps in every repo that are not part of a package.
+_HUB_FILES = {".gitattributes"}
+
+
+class HfRegistry(Registry):
+    """Packages as tagged commits of model repos on a Hugging Face Hub."""
+
+    kind = "hf"
+
+    def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
+        self._endpoint = endpoint
+        self._token = token
+
+    @property
+    def endpoint(self) -> str:
+        from huggingface_hub import constants
+
+        return (self._endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+    def describe(self) -> str:
+        return f"the Hugging Face Hub at {self.endpoint}"
+
+    def _api(self, *, need_token: bool) -> HfApi:
+        from huggingface_hub import HfApi, get_token
+
+        token = self._token or get_token()
+        if need_token and not token:
+            raise ConfigError(
+                f"Publishing to {self.describe()} needs a token: set `HF_TOKEN` or run `hf auth login` "
+                "(a token with write access)."
+            )
+        return HfApi(endpoint=self.endpoint, token=token or False)
+
+    def list_versions(self, repo_id: str) -> list[VersionInfo]:
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        api = self._api(need_token=False)
+        with self._errors(repo_id):
+            try:
+                refs = api.list_repo_refs(repo_id)
+            except RepositoryNotFoundError:
+                return []
+        found = []
+        for tag in refs.tags:
+            version = version_of_tag(tag.name)
+            if version is not None:
+                found.append(VersionInfo(version, location=tag.target_commit))
+        return sorted(found, key=lambda info: info.version)
+
+    def publish(self, repo_id: str, version: Version, package_dir: Path, *, message: str, private: bool) -> str:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        api = self._api(need_token=True)
+        tag = tag_for(version)
+        with self._errors(repo_id):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if any(info.version == version for info in self.list_versions(repo_id)):
+                raise ConfigError(
+                    f"{repo_id} {version} is already published (tag {tag}); published versions are immutable."
+                )
+            files = sorted(p.relative_to(package_dir).as_posix() for p in package_dir.rglob("*") if p.is_file())
+            stale = set(api.list_repo_files(repo_id, revision="main")) - set(files) - _HUB_FILES
+            operations: list[Any] = [CommitOperationAdd(path, str(package_dir / path)) for path in files]
+            operations += [CommitOperationDelete(path) for path in sorted(stale)]
+            commit = api.create_commit(
+                repo_id, operations, commit_message=f"{repo_id.split('/')[-1]} {tag}", commit_description=message
+            )
+            # Tag the commit just made (not `main`, which another publisher may have moved since).
+            api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message or None)
+        return f"{self.endpoint}/{repo_id}/tree/{tag}"
+
+    def read_manifest(self, repo_id: str, version: Version) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="lpeft-manifest-") as folder:
+            self.download(repo_id, version, [MANIFEST_FILE], Path(folder))
+            return (Path(folder) / MANIFEST_FILE).read_bytes()
+
+    def download(self, repo_id: str, version: Version, paths: list[str], dest: Path) -> None:
+        api = self._api(need_token=False)
+        with tempfile.TemporaryDirectory(prefix=".lpeft-download-", dir=dest.parent) as scratch, self._errors(repo_id):
+            for rel in paths:
+                check_relative_path(rel, where=f"{repo_id} {version}")
+                local = api.hf_hub_download(repo_id, rel, revision=tag_for(version), local_dir=scratch)
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(local, dest / rel)
+
+    @contextlib.contextmanager
+    def _errors(self, repo_id: str) -> Iterator[None]:
+        """Turn network and Hub errors into one-line messages that say what to fix."""
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        where = self.describe()
+        try:
+            yield
+        except OfflineModeIsEnabled:
+            raise ConfigError(
+                f"`HF_HUB_OFFLINE` is set, so {where} cannot be used; unset it or use a local registry."
+            ) from None
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise ConfigError(f"{repo_id} was not found on {where} (or this token may not see it).") from None
+        except LocalEntryNotFoundError as err:
+            # hf_hub_download's answer when the server could not be reached and nothing is cached.
+            raise ConfigError(
+                f"Cannot download {repo_id} from {where} ({_first_line(err)}); check the network."
+            ) from None
+        except EntryNotFoundError as err:
+            raise DataError(
+                f"{repo_id} on {where}: a file listed in its manifest is missing ({_first_line(err)})."
+            ) from None
+        except HfHubHTTPError as err:
+            status = err.response.status_code if err.response is not None else "?"
+            hint = " Check the token (`HF_TOKEN`) and its write access." if status in (401, 403) else ""
+            raise ConfigError(
+                f"{where} refused the request for {repo_id} (HTTP {status}): {_first_line(err)}.{hint}"
+            ) from None
+        except Exception as err:
+            if not _is_transport_error(err):
+                raise
+            raise ConfigError(
+                f"Cannot reach {where} ({type(err).__name__}: {_first_line(err)}); check `HF_ENDPOINT` / `--registry` "
+                "and the network."
+            ) from None
+
+
+def _is_transport_error(err: BaseException) -> bool:
+    """A connection that failed below HTTP. huggingface_hub has used requests, httpx and httpx2 over its versions,
+    so the classes are recognised by name rather than imported."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return isinstance(err, (ConnectionError, TimeoutError)) or bool(
+        names & {"TransportError", "ConnectionError", "Timeout", "TimeoutException"}
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

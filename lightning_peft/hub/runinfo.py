@@ -1,0 +1,189 @@
+"""What a training run recorded about itself: logged metrics, hyperparameters and an optional summary.
+
+`lpeft fit` saves the adapter to `<log_dir>/adapter/`; the run's files sit next to it:
+- `metrics.csv`, written by Lightning's `CSVLogger` (the default logger when tensorboard is not installed):
+  the loss curve, the final losses and the evaluation metrics (`val_*`, `test_*`) come from here. TensorBoard
+  event files are not read: log with `CSVLogger` (or both) to get them into the card.
+- `hparams.yaml` (the module's and data module's hyperparameters) and `config.yaml` (LightningCLI's full run).
+- `run_summary.json`, optional: `{"steps": int, "tokens": int, "duration_s": float, "hardware": str}` for what
+  Lightning does not log. Whatever is missing is recorded as unknown, never guessed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_peft.errors import DataError
+
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "run_summary.json"
+_HPARAM_KEYS = (
+    "learning_rate",
+    "weight_decay",
+    "optimizer",
+    "lr_scheduler",
+    "warmup_steps",
+    "warmup_ratio",
+    "quantization",
+    "gradient_checkpointing",
+    "batch_size",
+    "max_length",
+    "packing",
+    "format",
+    "train_on_prompt",
+    "seed",
+)
+_TRAINER_KEYS = ("max_steps", "max_epochs", "precision", "accumulate_grad_batches", "gradient_clip_val")
+_DATA_ROLES = {"train_file": "train", "val_file": "validation", "test_file": "test"}
+_SUMMARY_KEYS = ("steps", "tokens", "duration_s", "hardware")
+_RECORD_KEYS = (*_SUMMARY_KEYS, "final_train_loss", "final_val_loss")
+
+
+@dataclass
+class RunRecord:
+    """The training run behind an adapter, as far as its files tell.
+
+    Attributes:
+        run_dir: The folder read, or None when no run files were found.
+        train_loss: (step, value) points of `train_loss`.
+        val_loss: (step, value) points of `val_loss`.
+        summary: steps, tokens, duration_s, hardware, final_train_loss, final_val_loss (None when unknown).
+        evaluation: The last value of every `val_*` / `test_*` metric.
+        hyperparameters: Optimizer, schedule, batch and trainer settings found in hparams.yaml / config.yaml.
+        data_files: Names of the data files by role: train, validation, test.
+        sources: The files the record was read from.
+    """
+
+    run_dir: Path | None = None
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(_RECORD_KEYS))
+    evaluation: dict[str, float] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    data_files: dict[str, str] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+
+def find_run_dir(adapter_dir: Path, run_dir: str | Path | None = None) -> Path | None:
+    """The run folder: `run_dir` when given, else the adapter's parent when it holds run files."""
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise DataError(f"`--run-dir` {run_dir} is not a folder.")
+        return run_dir
+    parent = adapter_dir.resolve().parent
+    if any((parent / name).is_file() for name in (METRICS_FILE, "hparams.yaml", SUMMARY_FILE)):
+        return parent
+    return None
+
+
+def read_run(adapter_dir: Path, run_dir: str | Path | None = None) -> RunRecord:
+    """Everything the run's files say (an empty record when there are none)."""
+    folder = find_run_dir(adapter_dir, run_dir)
+    record = RunRecord(run_dir=folder)
+    if folder is None:
+        return record
+    if (folder / METRICS_FILE).is_file():
+        _read_metrics(folder / METRICS_FILE, record)
+    for name in ("hparams.yaml", "config.yaml"):
+        if (folder / name).is_file():
+            _read_hparams(folder / name, record)
+    if (folder / SUMMARY_FILE).is_file():
+        _read_summary(folder / SUMMARY_FILE, record)
+    return record
+
+
+def _read_metrics(path: Path, record: RunRecord) -> None:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a readable CSV file: {err}") from err
+    record.sources.append(METRICS_FILE)
+    steps = []
+    for row in rows:
+        step = _number(row.get("step"))
+        if step is not None:
+            steps.append(int(step))
+        for name, value in row.items():
+            value = _number(value)
+            if value is None or name in ("step", "epoch") or name is None:
+                continue
+            if name == "train_loss" and step is not None:
+                record.train_loss.append((int(step), value))
+            elif name == "val_loss" and step is not None:
+                record.val_loss.append((int(step), value))
+            if name.startswith(("val_", "test_")):
+                record.evaluation[name] = value
+    if record.train_loss:
+        record.summary["final_train_loss"] = record.train_loss[-1][1]
+    if record.val_loss:
+        record.summary["final_val_loss"] = record.val_loss[-1][1]
+    if steps:
+        record.summary["steps"] = max(steps) + 1  # Lightning logs the 0-based global step
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def _read_hparams(path: Path, record: RunRecord) -> None:
+    data = _load_yaml(path)
+    if not isinstance(data, dict):
+        return
+    record.sources.append(path.name)
+    sections = [
+        data,
+        *(data.get(k, {}).get("init_args", {}) for k in ("model", "data") if isinstance(data.get(k), dict)),
+    ]
+    for section in sections:
+        for key in _HPARAM_KEYS:
+            if _is_scalar(section.get(key)):
+                record.hyperparameters.setdefault(key, section[key])
+        for key, role in _DATA_ROLES.items():
+            if isinstance(section.get(key), str) and section[key]:
+                record.data_files.setdefault(role, Path(section[key]).name)
+    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+    for key in _TRAINER_KEYS:
+        if _is_scalar(trainer.get(key)):
+            record.hyperparameters.setdefault(key, trainer[key])
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) and value != ""
+
+
+def _load_yaml(path: Path) -> Any:
+    """YAML as plain data; Python-object tags (which Lightning may write) become None instead of failing."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # a SafeLoader subclass
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid YAML: {err}") from err
+
+
+def _read_summary(path: Path, record: RunRecord) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path} must hold a JSON object with {', '.join(_SUMMARY_KEYS)}.")
+    record.sources.append(SUMMARY_FILE)
+    for key in _SUMMARY_KEYS:
+        if data.get(key) is not None:
+            record.summary[key] = data[key]

@@ -1,0 +1,366 @@
+"""A small in-memory Hugging Face Hub for tests: the endpoints the real `huggingface_hub` client calls to
+create a repo, commit files, tag, list refs and trees, and download files — over real HTTP on 127.0.0.1.
+
+Endpoints (as huggingface_hub 1.x/2.x calls them, see `hf_api.py`, `_commit_api.py`, `file_download.py`):
+    POST /api/repos/create                              create_repo (409 when it exists)
+    POST /api/validate-yaml                             the card's metadata check before a commit with README.md
+    POST /api/models/{repo}/preupload/{rev}             answers "regular" for every file: contents come inline
+    POST /api/models/{repo}/commit/{rev}                NDJSON: header, then file (base64) / deletedFile lines
+    POST /api/models/{repo}/tag/{rev}                   create_tag (409 when it exists)
+    GET  /api/models/{repo}/refs                        list_repo_refs
+    GET  /api/models/{repo}/tree/{rev}[/{path}]         list_repo_tree / list_repo_files
+    GET  /api/models/{repo}/revision/{rev}              model_info / repo_info
+    HEAD, GET /{repo}/resolve/{rev}/{path}              file metadata (ETag, X-Repo-Commit, size) and download
+Writes need `Authorization: Bearer <token>`; every request is recorded for assertions.
+
+`make_adapter` and `write_run_files` build what the hub tests publish: a PEFT adapter on the tiny test model
+saved as `lpeft fit` saves it (`<run>/adapter/`), and the run's Lightning files next to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+
+
+@dataclass
+class Commit:
+    oid: str
+    title: str
+    description: str
+    files: dict[str, bytes]
+
+
+@dataclass
+class Repo:
+    private: bool
+    commits: list[Commit] = field(default_factory=list)
+    branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def commit(self, oid: str) -> Commit:
+        return next(c for c in self.commits if c.oid == oid)
+
+
+class HubError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.extra = status, message, code, extra
+
+
+class FakeHub:
+    """The fake Hub's state and server. `start()` returns self; `url` is its endpoint."""
+
+    def __init__(self, token: str = "hf_fake_write_token") -> None:
+        self.token = token
+        self.repos: dict[str, Repo] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> FakeHub:
+        hub = self
+
+        class Handler(_Handler):
+            state = hub
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    # -- helpers for tests -------------------------------------------------------------------------------------
+    def user_commits(self, repo_id: str) -> list[Commit]:
+        """Commits made through /commit (not the repo's initial one)."""
+        return self.repos[repo_id].commits[1:]
+
+    def tamper(self, repo_id: str, tag: str, path: str, data: bytes) -> None:
+        """Change a file in the tagged commit in place, as a compromised server or a corrupted store would."""
+        with self.lock:
+            repo = self.repos[repo_id]
+            repo.commit(repo.tags[tag]).files[path] = data
+
+    # -- endpoints ---------------------------------------------------------------------------------------------
+    def create_repo(self, body: dict[str, Any]) -> dict[str, Any]:
+        repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
+        if repo_id in self.repos:
+            raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
+        initial = Commit(_oid(repo_id, "initial"), "initial commit", "", {".gitattributes": GITATTRIBUTES})
+        repo = Repo(private=body.get("visibility") == "private" or bool(body.get("private")))
+        repo.commits.append(initial)
+        repo.branches["main"] = initial.oid
+        self.repos[repo_id] = repo
+        return {"url": f"{self.url}/{repo_id}", "name": repo_id}
+
+    def commit(self, repo: Repo, repo_id: str, revision: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
+        if revision not in repo.branches:
+            raise HubError(404, f"Revision {revision} not found", "RevisionNotFound")
+        header = lines[0]
+        if header.get("key") != "header":
+            raise HubError(400, "The first line must be the header")
+        files = dict(repo.commit(repo.branches[revision]).files)
+        for line in lines[1:]:
+            key, value = line["key"], line["value"]
+            if key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "deletedFile":
+                files.pop(value["path"], None)
+            else:
+                raise HubError(400, f"Unsupported commit operation {key!r} (this fake Hub takes inline files only)")
+        commit = Commit(
+            _oid(repo_id, str(len(repo.commits)), header["value"]["summary"]),
+            header["value"]["summary"],
+            header["value"].get("description", ""),
+            files,
+        )
+        repo.commits.append(commit)
+        repo.branches[revision] = commit.oid
+        return {
+            "commitUrl": f"{self.url}/{repo_id}/commit/{commit.oid}",
+            "commitOid": commit.oid,
+            "pullRequestUrl": None,
+        }
+
+    def tag(self, repo: Repo, revision: str, body: dict[str, Any]) -> dict[str, Any]:
+        oid = self.resolve(repo, revision).oid
+        if body["tag"] in repo.tags or body["tag"] in repo.branches:
+            raise HubError(409, f"Tag {body['tag']} already exists")
+        repo.tags[body["tag"]] = oid
+        return {}
+
+    def refs(self, repo: Repo) -> dict[str, Any]:
+        def ref(kind: str, name: str, oid: str) -> dict[str, str]:
+            return {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid}
+
+        return {
+            "branches": [ref("heads", n, o) for n, o in repo.branches.items()],
+            "converts": [],
+            "tags": [ref("tags", n, o) for n, o in repo.tags.items()],
+            "pullRequests": [],
+        }
+
+    def tree(self, repo: Repo, revision: str, prefix: str) -> list[dict[str, Any]]:
+        files = self.resolve(repo, revision).files
+        prefix = prefix.strip("/")
+        return [
+            {"type": "file", "oid": _blob_oid(data), "size": len(data), "path": path}
+            for path, data in sorted(files.items())
+            if not prefix or path == prefix or path.startswith(prefix + "/")
+        ]
+
+    def resolve(self, repo: Repo, revision: str) -> Commit:
+        oid = repo.branches.get(revision) or repo.tags.get(revision) or revision
+        try:
+            return repo.commit(oid)
+        except StopIteration:
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound") from None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: FakeHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        path = urlsplit(self.path).path
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else b""
+        with self.state.lock:
+            self.state.requests.append((method, path))
+            try:
+                status, payload, headers = self._route(method, [unquote(p) for p in path.strip("/").split("/")], body)
+            except HubError as err:
+                status, payload = err.status, {"error": err.message, **err.extra}
+                headers = {"X-Error-Code": err.code, "X-Error-Message": err.message} if err.code else {}
+        self._send(method, status, payload, headers)
+
+    def _route(self, method: str, parts: list[str], body: bytes) -> tuple[int, Any, dict[str, str]]:
+        hub = self.state
+        if method == "POST" and parts == ["api", "repos", "create"]:
+            self._require_token()
+            return 200, hub.create_repo(json.loads(body)), {}
+        if method == "POST" and parts == ["api", "validate-yaml"]:
+            return _validate_yaml(json.loads(body)["content"])
+        if len(parts) >= 5 and parts[:2] == ["api", "models"]:
+            return self._api_repo(method, f"{parts[2]}/{parts[3]}", parts[4], parts[5:], body)
+        if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
+        raise HubError(404, f"No route for {method} /{'/'.join(parts)}")
+
+    def _api_repo(self, method: str, repo_id: str, action: str, rest: list[str], body: bytes) -> tuple[int, Any, dict]:
+        hub, repo = self.state, self._repo(repo_id)
+        if method == "POST":
+            self._require_token()
+            revision = rest[0] if rest else "main"
+            if action == "preupload":
+                files = json.loads(body)["files"]
+                answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                return 200, {"files": answer}, {}
+            if action == "commit":
+                lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                return 200, hub.commit(repo, repo_id, revision, lines), {}
+            if action == "tag":
+                return 200, hub.tag(repo, revision, json.loads(body)), {}
+        elif action == "refs":
+            return 200, hub.refs(repo), {}
+        elif action == "tree" and rest:
+            return 200, hub.tree(repo, rest[0], "/".join(rest[1:])), {}
+        elif action == "revision" and rest:
+            commit = hub.resolve(repo, rest[0])
+            siblings = [{"rfilename": p} for p in sorted(commit.files)]
+            return 200, {"id": repo_id, "sha": commit.oid, "private": repo.private, "siblings": siblings}, {}
+        raise HubError(404, f"No route for {method} {action}")
+
+    def _resolve(self, repo_id: str, revision: str, path: str) -> tuple[int, Any, dict[str, str]]:
+        commit = self.state.resolve(self._repo(repo_id), revision)
+        if path not in commit.files:
+            raise HubError(404, f"{path} does not exist at {revision}", "EntryNotFound")
+        data = commit.files[path]
+        headers = {
+            "ETag": f'"{_blob_oid(data)}"',
+            "X-Repo-Commit": commit.oid,
+            "Content-Type": "application/octet-stream",
+        }
+        return 200, data, headers
+
+    def _repo(self, repo_id: str) -> Repo:
+        repo = self.state.repos.get(repo_id)
+        if repo is None or (repo.private and not self._authorized()):
+            raise HubError(404, "Repository not found", "RepoNotFound")
+        return repo
+
+    def _authorized(self) -> bool:
+        return self.headers.get("Authorization") == f"Bearer {self.state.token}"
+
+    def _require_token(self) -> None:
+        if not self._authorized():
+            raise HubError(401, "Invalid username or password.")
+
+    def _send(self, method: str, status: int, payload: Any, headers: dict[str, str]) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        if not isinstance(payload, bytes):
+            self.send_header("Content-Type", "application/json")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(data)
+
+
+def _validate_yaml(content: str) -> tuple[int, Any, dict[str, str]]:
+    """The Hub's metadata check, reduced to what matters here: valid YAML, and base_model a Hub id."""
+    import yaml
+
+    if not content.startswith("---\n"):
+        return 200, {"warnings": [{"message": "empty or missing yaml metadata in repo card"}]}, {}
+    try:
+        metadata = yaml.safe_load(content.split("---\n")[1])
+    except yaml.YAMLError as err:
+        return 400, {"errors": [{"message": f"Invalid YAML: {err}"}]}, {}
+    base = metadata.get("base_model")
+    if base is not None and (not isinstance(base, str) or base.startswith(("/", ".", "~")) or base.count("/") != 1):
+        return 400, {"errors": [{"message": f'"base_model" must be a Hub model id, got {base!r}'}]}, {}
+    return 200, {"warnings": []}, {}
+
+
+def _blob_oid(data: bytes) -> str:
+    """The git blob sha1, as the Hub reports for regular files."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _oid(*parts: str) -> str:
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()
+
+
+# -- what the hub tests publish ----------------------------------------------------------------------------------
+METRICS_CSV = """epoch,step,train_acc,train_loss,val_acc,val_loss,val_ppl
+0,4,,2.5,,,
+0,9,,1.75,,,
+0,9,,,0.5,1.9,6.685894
+0,9,0.4,,,,
+1,14,,1.25,,,
+1,19,,0.875,,,
+1,19,,,0.625,1.5,4.481689
+1,19,0.55,,,,
+"""
+HPARAMS_YAML = """learning_rate: 0.0002
+optimizer: adamw
+lr_scheduler: cosine
+batch_size: 4
+max_length: 128
+packing: true
+train_file: data/train.jsonl
+val_file: data/val.jsonl
+adapter: !!python/object:peft.tuners.lora.config.LoraConfig {r: 2}
+"""
+
+
+def make_adapter(folder, base_dir, *, seed: int = 0, **lora: Any):
+    """Save a LoRA adapter (random, non-zero B so it changes the logits) on `base_dir` into `folder`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(**{"r": 2, "target_modules": "all-linear", "init_lora_weights": False, **lora})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    model.save_pretrained(folder)
+    return folder
+
+
+class _Booby:
+    """Unpickling this creates a marker file: proof that a pickle was, or was not, loaded."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def pickle_only_adapter(source, folder, marker):
+    """An adapter folder whose only weights are a pickle that creates `marker` when unpickled."""
+    import pickle
+    import shutil
+
+    folder.mkdir()
+    shutil.copy(source / "adapter_config.json", folder)
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(_Booby(marker)))
+    return folder
+
+
+def write_run_files(run_dir) -> None:
+    """The files Lightning's CSVLogger and LightningCLI leave in a run's log dir."""
+    (run_dir / "metrics.csv").write_text(METRICS_CSV)
+    (run_dir / "hparams.yaml").write_text(HPARAMS_YAML)
