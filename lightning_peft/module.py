@@ -60,7 +60,10 @@ class PeftCausalLM(L.LightningModule):
         trust_remote_code: Allow model code from the Hub (only for models you trust).
         adapter_path: Start from this saved PEFT adapter folder (a previous run's `adapter/`, or any PEFT
             adapter) instead of a new one: to continue training it, or to validate/test/predict with it.
-            Its own adapter_config.json then defines the adapter, so `adapter` must be left unset.
+            Its own adapter_config.json then defines the adapter, so `adapter` must be left unset. A package
+            from `lpeft pull` is checked against the base's fingerprint first.
+        allow_base_mismatch: Load an `adapter_path` package onto a base whose fingerprint differs from the one
+            it was trained on (a warning instead of an error).
         adapter_dir: Where the final adapter goes at the end of fit; default `<trainer.log_dir>/adapter`.
         save_adapter_on_fit_end: Write the final adapter (plain PEFT format) when fit ends.
     """
@@ -82,6 +85,7 @@ class PeftCausalLM(L.LightningModule):
         revision: str | None = None,
         trust_remote_code: bool = False,
         adapter_path: str | None = None,
+        allow_base_mismatch: bool = False,
         adapter_dir: str | None = None,
         save_adapter_on_fit_end: bool = True,
     ) -> None:
@@ -124,6 +128,11 @@ class PeftCausalLM(L.LightningModule):
         """Wrap the base in a PEFT model. Override to add adapters, freeze more or inject differently."""
         quantized = self.hparams.quantization != "none"
         if self.hparams.adapter_path is not None:
+            from lightning_peft.hub import check_base
+
+            check_base(
+                self.hparams.adapter_path, self.hparams.model_name_or_path, force=self.hparams.allow_base_mismatch
+            )
             base_model = adapters.prepare_base(
                 base_model, quantized=quantized, gradient_checkpointing=self.hparams.gradient_checkpointing
             )

@@ -260,3 +260,34 @@ def test_adapter_path_and_adapter_together_are_refused(tiny_model_dir, tmp_path)
         make_module(tiny_model_dir, adapter={"r": 2}, adapter_path=str(tmp_path))
     with pytest.raises(ConfigError, match="is not a PEFT adapter folder"):
         make_module(tiny_model_dir, adapter=None, adapter_path=str(tmp_path))
+
+
+def test_a_package_refuses_a_base_it_was_not_trained_on(tiny_model_dir, tmp_path):
+    from hub_server import make_adapter
+    from tiny import save_tiny_model
+
+    from lightning_peft.hub import PackageSpec, package_adapter
+
+    adapter = make_adapter(tmp_path / "adapter", tiny_model_dir)
+    package = package_adapter(adapter, tmp_path / "package", PackageSpec(name="acme/tiny", version="1.0.0"))
+    other_base = save_tiny_model(tmp_path / "other-base", seed=1)
+    module = make_module(other_base, adapter=None, adapter_path=str(package.path))
+    with pytest.raises(ConfigError, match="is not the one this adapter was trained on"):
+        module.configure_model()
+    forced = make_module(other_base, adapter=None, adapter_path=str(package.path), allow_base_mismatch=True)
+    forced.configure_model()
+    make_module(tiny_model_dir, adapter=None, adapter_path=str(package.path)).configure_model()
+
+
+def test_run_summary_counts_steps_and_tokens(tiny_model_dir, tmp_path):
+    import json
+
+    from lightning_peft.callbacks import RunSummary
+
+    data = token_batches(n_batches=3, batch_size=2, length=10)
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[RunSummary()])
+    trainer.fit(make_module(tiny_model_dir), train_dataloaders=data)
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["tokens"] == 3 * 2 * 10 and summary["supervised_tokens"] == 3 * 2 * 9
+    assert summary["duration_s"] > 0 and "CPU" in summary["hardware"]

@@ -2,5 +2,6 @@
 
 from lightning_peft.callbacks.fit_report import FitReport
 from lightning_peft.callbacks.prediction_writer import PredictionWriter
+from lightning_peft.callbacks.run_summary import RunSummary
 
-__all__ = ["FitReport", "PredictionWriter"]
+__all__ = ["FitReport", "PredictionWriter", "RunSummary"]

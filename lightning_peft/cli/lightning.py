@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from lightning_peft.callbacks import PredictionWriter
+from lightning_peft.callbacks import PredictionWriter, RunSummary
 from lightning_peft.data import SFTDataModule
 from lightning_peft.errors import ConfigError
 from lightning_peft.models import auto_precision
@@ -43,6 +43,9 @@ class LpeftCLI(LightningCLI):
         # `lpeft predict` always writes its completions; a PredictionWriter in the config says where and how.
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())
+        # Steps, tokens and time of the run, for `lpeft publish`'s model card.
+        if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in trainer.callbacks):
+            trainer.callbacks.append(RunSummary())
         return trainer
 
 
