@@ -139,3 +139,14 @@ def test_adalora_takes_its_schedule_length_from_max_steps(tmp_path, tiny_model_d
     assert saved["peft_type"] == "ADALORA" and saved["total_step"] == 2
     result = lpeft("fit", "--config", config, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1")
     assert result.returncode == 2 and "AdaLoRA needs the number of training steps" in result.stderr
+
+
+def test_fit_logs_metrics_csv_and_a_run_summary_for_the_model_card(tmp_path, tiny_model_dir):
+    config = str(write_config(tmp_path, tiny_model_dir))
+    result = lpeft("fit", "--config", config, "--trainer.logger", "true", "--trainer.log_every_n_steps", "1")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert "train_loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tokens"] > summary["supervised_tokens"] > 0
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

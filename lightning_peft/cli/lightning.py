@@ -36,6 +36,7 @@ class LpeftCLI(LightningCLI):
         if config.trainer.get("precision") is None:
             config.trainer.precision = auto_precision()
         _fill_adalora_total_step(config)
+        _default_loggers(config)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -62,6 +63,27 @@ def _fill_adalora_total_step(config: Any) -> None:
                 "AdaLoRA needs the number of training steps: set `model.adapter.init_args.total_step` or `trainer.max_steps`."
             )
         adapter.init_args.total_step = max_steps
+
+
+def _default_loggers(config: Any) -> None:
+    """Always log to CSV (`lpeft publish` reads metrics.csv for the card), and to TensorBoard when installed.
+
+    Lightning's default picks one or the other, so installing tensorboard would silently empty the cards.
+    """
+    if config.trainer.get("logger") not in (None, True):
+        return
+    import importlib.util
+
+    from jsonargparse import Namespace
+
+    root = config.trainer.get("default_root_dir") or "."
+    classes = ["CSVLogger"]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        classes.append("TensorBoardLogger")
+    config.trainer.logger = [
+        Namespace(class_path=f"lightning.pytorch.loggers.{name}", init_args=Namespace(save_dir=root))
+        for name in classes
+    ]
 
 
 def run_lightning_cli(args: list[str]) -> LightningCLI:
