@@ -150,3 +150,14 @@ def test_fit_logs_metrics_csv_and_a_run_summary_for_the_model_card(tmp_path, tin
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["steps"] == 2 and summary["tokens"] > summary["supervised_tokens"] > 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fit_under_ddp_with_two_cpu_processes(tmp_path, tiny_model_dir):
+    # DDP starts its second process by re-running the command line: `lpeft` must keep sys.argv intact.
+    config = str(write_config(tmp_path, tiny_model_dir))
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    result = lpeft("fit", "--config", config, *ddp)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Adapter saved to") == 1, "one process writes the adapter"
+    assert (tmp_path / "runs" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "runs" / "run_summary.json").read_text())["steps"] == 2

@@ -52,6 +52,8 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts = torch.tensor([self._tokens, self._supervised], dtype=torch.float64, device=pl_module.device)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        # trainer.log_dir broadcasts from rank zero: every process must ask for it.
+        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         if not trainer.is_global_zero:
             return
         summary = {
@@ -62,7 +64,6 @@ class RunSummary(L.Callback):
             "duration_s": round(time.monotonic() - self._start, 3),
             "hardware": hardware_description(trainer),
         }
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         _write_json(path, summary)
         log.info("Run summary written to %s", path)
 
