@@ -12,11 +12,10 @@ import importlib
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_peft.atomic import staged_folder
 from lightning_peft.errors import ConfigError
 from lightning_peft.models import linear_module_names, resolve_model
 
@@ -280,22 +279,10 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, tokenizer:
         The folder holding adapter_config.json, adapter_model.safetensors and the tokenizer files.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    with staged_folder(directory, overwrite=True) as staging:
         peft_model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

@@ -122,3 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 from lightning_peft.cli.hub import register as _register_hub_commands  # noqa: E402 (the group must exist first)
 
 _register_hub_commands(cli)
+
+from lightning_peft.cli.merge import register as _register_merge_command  # noqa: E402 (the group must exist first)
+
+_register_merge_command(cli)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_peft.atomic import check_target, staged_folder
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub import manifest as manifest_lib
-from lightning_peft.hub.atomic import check_target, staged_folder
 from lightning_peft.hub.lint import lint_adapter_config
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter, read_source
 from lightning_peft.hub.registry import Registry, VersionInfo, check_repo_id, get_registry

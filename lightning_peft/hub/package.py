@@ -20,9 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lightning_peft.atomic import staged_folder
 from lightning_peft.errors import ConfigError
 from lightning_peft.hub import manifest as manifest_lib
-from lightning_peft.hub.atomic import staged_folder
 from lightning_peft.hub.card import CARD_FILE, build_card
 from lightning_peft.hub.fingerprint import (
     FINGERPRINT_METHOD,

@@ -1,7 +1,7 @@
 """Folders that appear whole or not at all: write into a hidden sibling, then `os.rename` it into place.
 
-A rename within one filesystem is atomic, so a reader (or a crash) never sees a half-written package, pull
-or registry version; a failure removes the staging folder and leaves the target as it was.
+A rename within one filesystem is atomic, so a reader (or a crash) never sees a half-written adapter, merged
+model, package, pull or registry version; a failure removes the staging folder and leaves the target as it was.
 """
 
 from __future__ import annotations
@@ -33,9 +33,19 @@ def staged_folder(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield staging
+        _permissions_as_umask(staging)
         replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _permissions_as_umask(folder: Path) -> None:
+    # mkdtemp makes the folder private (0700) and some writers make files 0600; give them the usual modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace_folder(source: Path, target: Path) -> None:
