@@ -47,7 +47,11 @@ def test_lora_learns_the_answer_format_and_reloads_with_plain_peft(smollm2_dir, 
 def test_qlora_step_on_smollm2(smollm2_dir, tmp_path):
     seed_everything(0)
     module = PeftCausalLM(
-        "smollm2-135m-instruct", quantization="4bit", adapter={"r": 4}, gradient_checkpointing=True, save_adapter_on_fit_end=False
+        "smollm2-135m-instruct",
+        quantization="4bit",
+        adapter={"r": 4},
+        gradient_checkpointing=True,
+        save_adapter_on_fit_end=False,
     )
     trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=1, val_check_interval=1)
     trainer.fit(module, datamodule=capitals(batch_size=2))

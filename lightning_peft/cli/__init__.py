@@ -99,11 +99,13 @@ def _library_error(err: BaseException) -> BaseException:
 def _configure_logging(debug: bool) -> None:
     """Show the library's INFO messages (adapter path, parameter counts, data counts) on stderr."""
     logger = logging.getLogger("lightning_peft")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    # One handler, bound to the current stderr (a second in-process run may have another, e.g. under tests).
+    for old in [h for h in logger.handlers if getattr(h, "_lpeft_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._lpeft_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Lightning's own deprecation noise about torch's pytree API is not something a user can act on.

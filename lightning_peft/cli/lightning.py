@@ -7,10 +7,11 @@ import warnings
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from lightning_peft.callbacks import PredictionWriter, RunSummary
+from lightning_peft.callbacks import AdapterCheckpoint, PredictionWriter, RunSummary
 from lightning_peft.data import SFTDataModule
 from lightning_peft.errors import ConfigError
 from lightning_peft.models import auto_precision
@@ -23,6 +24,9 @@ class LpeftCLI(LightningCLI):
     """LightningCLI with the tokenizer linked to the model and precision chosen for the hardware.
 
     `trainer.precision` left unset (null) means auto: bf16-mixed on GPUs that support it, 32-true elsewhere.
+    `fit` checkpoints with `AdapterCheckpoint` (adapter folders, never the frozen base) instead of Lightning's
+    default `ModelCheckpoint`, unless the config names a checkpoint callback or `trainer.enable_checkpointing`
+    is false; `--ckpt_path last` then resumes from its newest complete checkpoint.
     """
 
     @override
@@ -40,6 +44,8 @@ class LpeftCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self.subcommand == "fit":
+            kwargs = _with_adapter_checkpoint(self.config_init[self.subcommand].get("trainer") or {}, kwargs)
         trainer = super().instantiate_trainer(**kwargs)
         # `lpeft predict` always writes its completions; a PredictionWriter in the config says where and how.
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
@@ -48,6 +54,18 @@ class LpeftCLI(LightningCLI):
         if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
         return trainer
+
+
+def _with_adapter_checkpoint(trainer_config: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add a default `AdapterCheckpoint` to the trainer's callbacks, before the Trainer would add its own
+    `ModelCheckpoint` (which cannot be told apart from one the user asked for afterwards)."""
+    if trainer_config.get("enable_checkpointing") is False:
+        return kwargs
+    callbacks = kwargs.get("callbacks", trainer_config.get("callbacks"))
+    callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+    if any(isinstance(c, Checkpoint) for c in callbacks):
+        return kwargs
+    return {**kwargs, "callbacks": [*callbacks, AdapterCheckpoint()]}
 
 
 def _fill_adalora_total_step(config: Any) -> None:

@@ -8,7 +8,13 @@ Prompts for `predict` take the same path without labels or cache: `formats.rende
 `tokenization.prepare_prompts` → `packing.PromptDataset` → `collate.PromptCollator`.
 """
 
-from lightning_peft.data.collate import LengthGroupedSampler, PromptCollator, SFTCollator
+from lightning_peft.data.collate import (
+    LengthGroupedSampler,
+    PromptCollator,
+    ResumableDataLoader,
+    SFTCollator,
+    ShuffleSampler,
+)
 from lightning_peft.data.datamodule import SFTDataModule
 from lightning_peft.data.formats import FORMATS
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset, first_fit_decreasing
@@ -22,8 +28,10 @@ __all__ = [
     "PackedDataset",
     "PromptCollator",
     "PromptDataset",
+    "ResumableDataLoader",
     "SFTCollator",
     "SFTDataModule",
+    "ShuffleSampler",
     "TokenizedData",
     "TokenizedPrompts",
     "first_fit_decreasing",

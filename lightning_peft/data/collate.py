@@ -1,20 +1,25 @@
-"""Batches: dynamic padding (each batch to its own longest row) and a length-grouped sampler.
+"""Batches: dynamic padding (each batch to its own longest row), the training samplers and a resumable loader.
 
 The batch contract with the LightningModule: `input_ids` and `labels` (B, T) int64, labels -100 where no loss is
 taken and not shifted; then either `attention_mask` (padded examples) or `position_ids` (packed rows, no mask).
 Prediction batches (`PromptCollator`) are left-padded prompts for `generate`: `input_ids`, `attention_mask`,
 `index` and `reference`, no labels.
+
+Training order is a pure function of (seed, epoch) in both samplers, and `ResumableDataLoader` remembers how many
+batches of the epoch it handed out: together they let a resumed run continue mid-epoch with exactly the batches
+an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_peft.data.tokenization import IGNORE_INDEX
 
@@ -124,3 +129,112 @@ class LengthGroupedSampler(Sampler[int]):
         longest = int(np.argmax([self.lengths[chunk[0]] for chunk in chunks]))
         chunks[0][0], chunks[longest][0] = chunks[longest][0], chunks[0][0]
         return iter(np.concatenate(chunks).tolist())
+
+
+class ShuffleSampler(Sampler[int]):
+    """A seeded permutation of `range(num_items)`, new each epoch and the same for the same (seed, epoch).
+
+    Unlike a `RandomSampler` with a generator, whose order depends on how often the generator was used, the order
+    here follows from the epoch alone, so a resumed run sees the epoch it left. Lightning wraps it in its
+    `DistributedSamplerWrapper` under DDP (and forwards `set_epoch`), as it does the length-grouped sampler.
+
+    Args:
+        num_items: the dataset's length.
+        seed: the seed of the shuffle; the epoch is mixed in.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of `epoch` (Lightning calls this before each training epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` that continues mid-epoch after a resume, through Lightning's stateful-loader protocol.
+
+    It counts the batches it has handed out in the current epoch. Lightning's fit loop stores `state_dict()` (the
+    sampler's epoch and that count) in every checkpoint and gives it back through `load_state_dict()` on resume;
+    the first iteration of that same epoch then skips those batches at the index level (nothing is loaded or
+    collated for them). A resume that lands in a later epoch (the checkpoint closed its epoch) skips nothing.
+
+    The skip is exact when the sampler's order depends only on its epoch (`LengthGroupedSampler`,
+    `ShuffleSampler`, and Lightning's distributed wrappers of them); under DDP each rank skips its own batches.
+    The underlying iterator is created on the first `next()`, after Lightning's `set_epoch`, so worker processes
+    never prefetch the order of the wrong epoch.
+    """
+
+    # Class attributes, not __init__ arguments: Lightning re-creates loaders from their saved init arguments (DDP).
+    _delivered = 0
+    _skip = 0
+    _resume_at: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the data: the sampler's epoch and the batches of it handed out so far."""
+        return {"epoch": self._epoch(), "batches": self._delivered}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue after `state_dict["batches"]` batches when epoch `state_dict["epoch"]` is iterated next."""
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def __iter__(self) -> Iterator[Any]:
+        return _CountingIterator(self)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # torch's iterators take their batches of indices from here (also on every epoch of persistent workers).
+        return _SkipFirst(super()._index_sampler, self)
+
+    def _epoch(self) -> int:
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "epoch"):
+                return int(sampler.epoch)
+        return 0
+
+    def _start_epoch(self) -> None:
+        resume, self._resume_at = self._resume_at, None
+        skip = resume[1] if resume is not None and resume[0] == self._epoch() else 0
+        self._skip = self._delivered = min(skip, len(self))
+
+    def _new_iterator(self) -> Iterator[Any]:
+        return super().__iter__()
+
+
+class _CountingIterator:
+    def __init__(self, loader: ResumableDataLoader):
+        self.loader = loader
+        self.iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.loader._start_epoch()
+            self.iterator = self.loader._new_iterator()
+        batch = next(self.iterator)
+        self.loader._delivered += 1
+        return batch
+
+
+class _SkipFirst:
+    """A batch sampler that leaves out the loader's pending skip (read when an epoch's iteration starts)."""
+
+    def __init__(self, batches: Any, loader: ResumableDataLoader):
+        self.batches = batches
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.batches), self.loader._skip, None)

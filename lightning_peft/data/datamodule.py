@@ -18,7 +18,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_peft.data.collate import LengthGroupedSampler, PromptCollator, SFTCollator
+from lightning_peft.data.collate import (
+    LengthGroupedSampler,
+    PromptCollator,
+    ResumableDataLoader,
+    SFTCollator,
+    ShuffleSampler,
+)
 from lightning_peft.data.formats import FIELDS, FORMATS
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset
 from lightning_peft.data.readers import require_exists
@@ -234,13 +240,17 @@ class SFTDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; the order follows from (seed, epoch), and a resumed run continues mid-epoch.
+
+        See `ResumableDataLoader`: Lightning saves the position in the data in every checkpoint.
+        """
         dataset = self._require_setup(self.train_dataset)
         if self.group_by_length:
             lengths = dataset.lengths  # type: ignore[attr-defined]
             sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
-            return self._loader(dataset, self.batch_size, sampler=sampler)
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(dataset, self.batch_size, shuffle=True, generator=generator)
+        else:
+            sampler = ShuffleSampler(len(dataset), seed=self.seed)  # type: ignore[arg-type]
+        return self._loader(dataset, self.batch_size, sampler=sampler, loader_class=ResumableDataLoader)
 
     @override
     def val_dataloader(self) -> DataLoader | list:
@@ -264,15 +274,20 @@ class SFTDataModule(LightningDataModule):
             raise RuntimeError("SFTDataModule.setup('predict') must run before predict_dataloader().")
         return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False, collate_fn=self.predict_collator)
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, loader_class: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if "collate_fn" not in kwargs:
             kwargs["collate_fn"] = self.collator
-        return DataLoader(
+        return loader_class(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # The loader's own generator seeds its workers: creating an iterator never draws from the global torch
+            # RNG, so dropout masks do not depend on when loaders were (re)created, as after a resume.
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
