@@ -180,6 +180,11 @@ class PeftCausalLM(L.LightningModule):
         self.model = self.build_adapter(self.load_base_model())
         # from_pretrained returns the base in eval mode; adapter dropout must be active while training.
         self.model.train()
+        if self._device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 (strategies.FSDP2)
+            from lightning_peft.strategies import shard_decoder_layers
+
+            options = getattr(self.trainer.strategy, "shard_options", {})
+            shard_decoder_layers(self.model, self._device_mesh["data_parallel"], **options)
 
     def _max_steps_for_adalora(self) -> int:
         if self._trainer is not None and self._trainer.max_steps > 0:
@@ -365,10 +370,19 @@ class PeftCausalLM(L.LightningModule):
             )
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter in plain PEFT format (with the tokenizer) from global rank zero; return the folder."""
+        """Write the adapter in plain PEFT format (with the tokenizer) from global rank zero; return the folder.
+
+        Under FSDP every rank must call it: the sharded adapter is gathered first (`strategies.gathered_adapter_state`).
+        """
         directory = Path(directory)
+        from lightning_peft.strategies import gathered_adapter_state, save_gathered_adapter
+
+        state = gathered_adapter_state(self)  # FSDP: a collective on every rank (None when nothing is sharded)
         if self._trainer is None or self.trainer.is_global_zero:
-            adapters.save_adapter(self.model, directory, self.tokenizer)
+            if state is None:
+                adapters.save_adapter(self.model, directory, self.tokenizer)
+            else:
+                save_gathered_adapter(self.model, directory, self.tokenizer, state)
             log.info("Adapter saved to %s", directory)
         return directory
 
