@@ -42,3 +42,13 @@ def smollm2_dir() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tokenized-data caches go to a per-session folder; the converted SmolLM2 stays in the shared cache."""
     monkeypatch.setenv("LPEFT_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny model inside a run folder with logged metrics (for the hub tests)."""
+    from hub_server import make_adapter, write_run_files
+
+    run = tmp_path_factory.mktemp("run")
+    write_run_files(run)
+    return make_adapter(run / "adapter", tiny_model_dir)

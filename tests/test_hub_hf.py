@@ -8,19 +8,12 @@ import socket
 import huggingface_hub
 import pytest
 from click.testing import CliRunner
-from hub_server import FakeHub, make_adapter, write_run_files
+from hub_server import FakeHub, make_adapter
 
 from lightning_peft.cli import cli
 from lightning_peft.hub.manifest import MANIFEST_FILE
 
 REPO = "acme/capitals"
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    write_run_files(run)
-    return make_adapter(run / "adapter", tiny_model_dir)
 
 
 @pytest.fixture

@@ -11,19 +11,12 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
-from hub_server import make_adapter, pickle_only_adapter, write_run_files
+from hub_server import make_adapter, pickle_only_adapter
 
 from lightning_peft.cli import cli
 from lightning_peft.errors import ConfigError
 from lightning_peft.hub import LocalRegistry, list_versions, publish, pull
 from lightning_peft.hub.manifest import MANIFEST_FILE
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    write_run_files(run)
-    return make_adapter(run / "adapter", tiny_model_dir)
 
 
 @pytest.fixture
