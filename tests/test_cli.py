@@ -161,3 +161,15 @@ def test_fit_under_ddp_with_two_cpu_processes(tmp_path, tiny_model_dir):
     assert result.stderr.count("Adapter saved to") == 1, "one process writes the adapter"
     assert (tmp_path / "runs" / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "runs" / "run_summary.json").read_text())["steps"] == 2
+
+
+def test_adapter_merge_under_ddp_without_a_saved_adapter(tmp_path, tiny_model_dir):
+    # trainer.log_dir and the adapter save are collectives: the callback must not call them on rank zero alone.
+    config = str(write_config(tmp_path, tiny_model_dir))
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    merge = ["--trainer.callbacks+=lightning_peft.callbacks.AdapterMerge", "--model.save_adapter_on_fit_end", "false"]
+    result = lpeft("fit", "--config", config, *ddp, *merge)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "runs" / "merged" / "merge_report.json").read_text())
+    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["config.yaml", "merged", "run_summary.json"]

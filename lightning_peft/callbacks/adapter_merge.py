@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +78,18 @@ class AdapterMerge(L.Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Lightning calls teardown hooks only when fit returned normally (an exception skips them).
-        if stage != "fit" or trainer.state.status != TrainerStatus.RUNNING or not trainer.is_global_zero:
+        if stage != "fit" or trainer.state.status != TrainerStatus.RUNNING:
             return
+        # trainer.log_dir (a broadcast) and saving an FSDP-sharded adapter (a gather) need every process.
         target = self.target(trainer)
-        log.info("AdapterMerge: merging the trained adapter into %s", target)
         adapter_dir = _final_adapter_dir(pl_module)
         staging = None
         if adapter_dir is None:  # the module did not save one (save_adapter_on_fit_end: false)
-            staging = Path(tempfile.mkdtemp(prefix=".adapter-to-merge-", dir=_existing_parent(target)))
-            adapter_dir = pl_module.save_adapter(staging / "adapter")
+            staging = _existing_parent(target) / f".{target.name}-adapter-to-merge"
+            adapter_dir = pl_module.save_adapter(staging / "adapter")  # written by rank zero only
+        if not trainer.is_global_zero:
+            return
+        log.info("AdapterMerge: merging the trained adapter into %s", target)
         try:
             hp = pl_module.hparams
             self.report = merge_adapter(
