@@ -364,3 +364,19 @@ def write_run_files(run_dir) -> None:
     """The files Lightning's CSVLogger and LightningCLI leave in a run's log dir."""
     (run_dir / "metrics.csv").write_text(METRICS_CSV)
     (run_dir / "hparams.yaml").write_text(HPARAMS_YAML)
+
+
+def lpeft(*args):
+    """Run `lpeft` in-process (click's runner) with every argument as a string."""
+    from click.testing import CliRunner
+
+    from lightning_peft.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(result):
+    """The one-line `lpeft: error: ...` message a failed command ends with."""
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("lpeft: error: "), result.output
+    return lines[-1]

@@ -7,10 +7,8 @@ import socket
 
 import huggingface_hub
 import pytest
-from click.testing import CliRunner
-from hub_server import FakeHub, make_adapter
+from hub_server import FakeHub, error_line, lpeft, make_adapter
 
-from lightning_peft.cli import cli
 from lightning_peft.hub.manifest import MANIFEST_FILE
 
 REPO = "acme/capitals"
@@ -29,16 +27,6 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
     yield server
     server.stop()
-
-
-def lpeft(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result):
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("lpeft: error: "), result.output
-    return lines[-1]
 
 
 def files_under(folder):

@@ -10,10 +10,8 @@ import sys
 import textwrap
 
 import pytest
-from click.testing import CliRunner
-from hub_server import make_adapter, pickle_only_adapter
+from hub_server import error_line, lpeft, make_adapter, pickle_only_adapter
 
-from lightning_peft.cli import cli
 from lightning_peft.errors import ConfigError
 from lightning_peft.hub import LocalRegistry, list_versions, publish, pull
 from lightning_peft.hub.manifest import MANIFEST_FILE
@@ -22,16 +20,6 @@ from lightning_peft.hub.manifest import MANIFEST_FILE
 @pytest.fixture
 def registry(tmp_path):
     return tmp_path / "registry"
-
-
-def lpeft(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result):
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("lpeft: error: "), result.output
-    return lines[-1]
 
 
 def test_publish_versions_pull_round_trip(adapter, registry, tmp_path, tiny_model_dir):
