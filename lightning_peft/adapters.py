@@ -236,11 +236,26 @@ def adapter_state_keys(peft_model: torch.nn.Module, adapter_name: str = "default
 
     Frozen base weights (and bitsandbytes quantization state) are excluded; PEFT puts the adapter name in
     the key of every adapter tensor (`lora_A.default.weight`, `ranknum.default`, `prompt_encoder.default...`).
+    Names come from `named_parameters`/`named_buffers`, never `state_dict()`, which is a collective under FSDP1;
+    FSDP1's wrapper prefixes are removed so the keys match the full state dict that Lightning saves.
     """
-    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     marker = f".{adapter_name}."
-    owned = {k for k in peft_model.state_dict() if marker in k or k.endswith(f".{adapter_name}")}
-    return trainable | owned
+    keys = set()
+    for name, tensor in [*peft_model.named_parameters(), *peft_model.named_buffers()]:
+        name = clean_wrapper_prefixes(name)
+        if getattr(tensor, "requires_grad", False) or marker in name or name.endswith(f".{adapter_name}"):
+            keys.add(name)
+    return keys
+
+
+# Module names that wrappers insert in parameter names (FSDP1, activation-checkpoint and torch.compile wrappers);
+# state dicts saved through those wrappers do not have them.
+_WRAPPER_PREFIXES = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def clean_wrapper_prefixes(name: str) -> str:
+    """`name` without the module names that FSDP1 / checkpoint / compile wrappers insert."""
+    return _WRAPPER_PREFIXES.sub("", name)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,16 @@ def test_fsdp1_on_gpu(tmp_path, tiny_model_dir):  # pragma: no cover - GPU only
     result = _fit(config)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "fsdp1" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp1_checkpoints_keep_every_adapter_tensor(tiny_model_dir):
+    """Under FSDP1 parameter names carry `_fsdp_wrapped_module.`; the saved full state dict's keys do not."""
+    worker = Path(__file__).with_name("fsdp1_worker.py")
+    result = subprocess.run(
+        [sys.executable, str(worker), str(tiny_model_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["expected"], "the reference adapter has no tensors"
+    assert report["kept"] == report["expected"]
+    assert report["values_equal"]
