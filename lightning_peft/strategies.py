@@ -170,9 +170,7 @@ def gathered_adapter_state(pl_module: Any) -> dict[str, torch.Tensor] | None:
         return gather_adapter_state_dict(model, adapter_state_keys(model))
     trainer = pl_module._trainer
     if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
-        from torch.distributed.fsdp._common_utils import clean_tensor_name
-
-        keys = {clean_tensor_name(k) for k in adapter_state_keys(model)}
+        keys = adapter_state_keys(model)  # wrapper prefixes removed: the names of the full state dict
         full = trainer.strategy.lightning_module_state_dict()
         return {name: t for k, t in full.items() if (name := k.removeprefix("model.")) in keys}
     return None

@@ -22,7 +22,17 @@ from lightning_peft.strategies import (
 )
 
 
-def _config(tmp_path, tiny_model_dir, name, batch_size, strategy=None, devices=1, max_steps=3, checkpoints=False):
+def _config(
+    tmp_path,
+    tiny_model_dir,
+    name,
+    batch_size,
+    strategy=None,
+    devices=1,
+    max_steps=3,
+    checkpoints=False,
+    quantization="none",
+):
     # Every row has the same token count (no padding, equal weight per rank) and the 4 training rows are one
     # global batch: each step sees the whole epoch, so the sampler's split across ranks cannot change the
     # gradient, and the mean of the per-rank means equals the single process' mean.
@@ -46,6 +56,7 @@ def _config(tmp_path, tiny_model_dir, name, batch_size, strategy=None, devices=1
             "adapter": {"r": 4, "lora_dropout": 0.0},
             "learning_rate": 0.01,
             "lr_scheduler": "constant",
+            "quantization": quantization,
         },
         "data": {"train_file": str(data), "max_length": 64, "batch_size": batch_size},
         "trainer": trainer,
@@ -65,22 +76,23 @@ def _adapter(path):
     return load_file(path / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("preset", ["FSDP2", "DDP"])
-def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_dir, preset):
+@pytest.mark.parametrize(("preset", "quantization"), [("FSDP2", "none"), ("DDP", "none"), ("FSDP2", "4bit")])
+def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_dir, preset, quantization):
     strategy = {"class_path": f"lightning_peft.strategies.{preset}"}
-    sharded = _fit(_config(tmp_path, tiny_model_dir, "multi", batch_size=2, strategy=strategy, devices=2))
+    run = {"tiny_model_dir": tiny_model_dir, "quantization": quantization}
+    sharded = _fit(_config(tmp_path, name="multi", batch_size=2, strategy=strategy, devices=2, **run))
     assert sharded.returncode == 0, sharded.stderr
     assert sharded.stderr.count("Adapter saved to") == 1, "one process writes the adapter"
     if preset == "FSDP2":
         assert "FSDP2: sharded 2 decoder layers of PeftModelForCausalLM and the root" in sharded.stderr
-    single = _fit(_config(tmp_path, tiny_model_dir, "single", batch_size=4))
+    single = _fit(_config(tmp_path, name="single", batch_size=4, **run))
     assert single.returncode == 0, single.stderr
 
     got, want = _adapter(tmp_path / "multi"), _adapter(tmp_path / "single")
     assert got.keys() == want.keys()
     for key, tensor in want.items():
         assert got[key].shape == tensor.shape, f"{key} is one rank's shard, not the gathered tensor"
-        # Observed max abs diff ~3e-7 (summation order) against lora_B values ~3e-2 after 3 steps.
+        # Observed max abs diff ~3e-7 (LoRA) / 1.2e-6 (QLoRA) from summation order, lora_B values ~3e-2.
         torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
         if "lora_B" in key:
             assert tensor.abs().max() > 1e-3, "LoRA B starts at zero: training moved it"
