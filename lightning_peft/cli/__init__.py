@@ -128,3 +128,7 @@ _register_hub_commands(cli)
 from lightning_peft.cli.merge import register as _register_merge_command  # noqa: E402 (the group must exist first)
 
 _register_merge_command(cli)
+
+from lightning_peft.cli.convert import register as _register_convert_command  # noqa: E402 (the group must exist first)
+
+_register_convert_command(cli)

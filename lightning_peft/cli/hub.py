@@ -144,9 +144,17 @@ def versions(ctx: click.Context, repo_id: str, registry: str | None) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--base", metavar="MODEL", help="Check compatibility with this base model (alias, folder, Hub id).")
 @click.option("--force", is_flag=True, help="Report a base mismatch instead of failing on it.")
+@click.option(
+    "--serving",
+    type=click.Choice(["vllm"]),
+    help="Only check whether this server can load the adapter: one reason per line, exit code 2 if it cannot.",
+)
 @click.pass_context
-def inspect(ctx: click.Context, directory: str, base: str | None, force: bool) -> None:
+def inspect(ctx: click.Context, directory: str, base: str | None, force: bool, serving: str | None) -> None:
     """Show a package's manifest, check its files, serving compatibility and (with --base) its base model."""
+    if serving is not None:
+        _inspect_serving(ctx, directory, base)
+        return
 
     def action() -> None:
         from lightning_peft.errors import DataError
@@ -159,6 +167,33 @@ def inspect(ctx: click.Context, directory: str, base: str | None, force: bool) -
             raise DataError(f"{directory}: {report.file_problems[0]} ({len(report.file_problems)} problem(s)).")
 
     _run(ctx, action)
+
+
+def _inspect_serving(ctx: click.Context, directory: str, base: str | None) -> None:
+    """`inspect --serving vllm`: "vLLM: loadable" or "vLLM: not loadable" and the reasons; exit code 2 if not."""
+    found: list[Any] = []
+
+    def action() -> None:
+        from pathlib import Path
+
+        from lightning_peft.errors import ConfigError
+        from lightning_peft.hub.lint import lint_adapter_dir
+
+        if base is not None:
+            raise ConfigError("`--serving` checks the adapter's own files; run `lpeft inspect DIR --base ...` apart.")
+        if not Path(directory).is_dir():
+            raise ConfigError(f"`DIRECTORY` {directory} is not a folder.")
+        report = lint_adapter_dir(directory)
+        click.echo("vLLM: loadable" if report.vllm_compatible else "vLLM: not loadable")
+        for line in report.problems:
+            click.echo(f"  - {line}")
+        for line in report.notes:
+            click.echo(f"  note: {line}")
+        found.append(report)
+
+    _run(ctx, action)
+    if found and not found[0].vllm_compatible:
+        ctx.exit(2)  # outside the guarded action: scripts gate on the code, and this is a verdict, not an error
 
 
 def _report_lines(report: Any) -> list[str]:
