@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_peft import PeftCausalLM
 from lightning_peft.callbacks import AdapterCheckpoint
-from lightning_peft.callbacks.adapter_checkpoint import find_peft_model, write_checkpoint
+from lightning_peft.callbacks.checkpoint_folder import find_peft_model, write_checkpoint
 from lightning_peft.models import resolve_model
 
 MB = 1_000_000

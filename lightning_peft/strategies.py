@@ -274,7 +274,7 @@ class FSDP2(ModelParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Also load `AdapterCheckpoint` folders (ModelParallelStrategy bypasses `checkpoint_io`)."""
-        from lightning_peft.callbacks.adapter_checkpoint import is_checkpoint_folder, read_checkpoint
+        from lightning_peft.callbacks.checkpoint_folder import is_checkpoint_folder, read_checkpoint
 
         path = self.broadcast(checkpoint_path)
         if not is_checkpoint_folder(path):

@@ -20,8 +20,7 @@ import lightning.pytorch as L
 import torch
 
 from lightning_peft import PeftCausalLM, SFTDataModule
-from lightning_peft.callbacks import AdapterCheckpoint
-from lightning_peft.callbacks import adapter_checkpoint as adapter_checkpoint_module
+from lightning_peft.callbacks import AdapterCheckpoint, checkpoint_folder
 
 BATCH_SIZE = 3
 EXAMPLES = 8  # 3 batches per epoch: 3, 3 and 2 examples
@@ -64,7 +63,7 @@ class PauseBeforeStep(L.Callback):
 
 def stall_save_at(step: int, flag: Path) -> None:
     """Make the checkpoint of `step` hang after its files are written and before its marker (the last file)."""
-    write_marker = adapter_checkpoint_module._write_marker
+    write_marker = checkpoint_folder._write_marker
 
     def slow_write_marker(folder, checkpoint):
         if checkpoint.get("global_step") == step:
@@ -72,7 +71,7 @@ def stall_save_at(step: int, flag: Path) -> None:
             time.sleep(600)
         write_marker(folder, checkpoint)
 
-    adapter_checkpoint_module._write_marker = slow_write_marker
+    checkpoint_folder._write_marker = slow_write_marker
 
 
 def train(

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_peft import PeftCausalLM
 from lightning_peft.callbacks import AdapterCheckpoint
-from lightning_peft.callbacks.adapter_checkpoint import (
+from lightning_peft.callbacks.checkpoint_folder import (
     MARKER_FILE,
     STATE_FILE,
     _pack,
@@ -387,7 +387,7 @@ def test_optimizer_state_packing_is_lossless(shape):
 def test_configuration_errors():
     with pytest.raises(ConfigError, match=r"`filename`='.\{step\}' must be a non-empty name that does not start"):
         AdapterCheckpoint(filename=".{step}")
-    from lightning_peft.callbacks.adapter_checkpoint import find_peft_model
+    from lightning_peft.callbacks.checkpoint_folder import find_peft_model
 
     with pytest.raises(ConfigError, match="needs a LightningModule holding a peft.PeftModel; Linear has none"):
         find_peft_model(torch.nn.Linear(2, 2))
