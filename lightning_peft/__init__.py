@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdapterServer": "lightning_peft.serving",
     "ConfigError": "lightning_peft.errors",
     "DataError": "lightning_peft.errors",
     "MissingDependencyError": "lightning_peft.errors",
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from lightning_peft.data import SFTDataModule
     from lightning_peft.errors import ConfigError, DataError, MissingDependencyError
     from lightning_peft.module import PeftCausalLM
+    from lightning_peft.serving import AdapterServer
 
 
 def __getattr__(name: str) -> Any:

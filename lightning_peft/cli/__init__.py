@@ -129,6 +129,10 @@ from lightning_peft.cli.merge import register as _register_merge_command  # noqa
 
 _register_merge_command(cli)
 
+from lightning_peft.cli.generate import register as _register_generate_command  # noqa: E402 (the group must exist first)
+
+_register_generate_command(cli)
+
 from lightning_peft.cli.convert import register as _register_convert_command  # noqa: E402 (the group must exist first)
 
 _register_convert_command(cli)
