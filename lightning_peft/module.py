@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning.pytorch as L
 import torch
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftConfig
 from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
@@ -21,6 +22,7 @@ from typing_extensions import override
 from lightning_peft import adapters
 from lightning_peft.data.tokenization import IGNORE_INDEX
 from lightning_peft.errors import ConfigError
+from lightning_peft.losses import chunked_lm_loss, chunking_blocker
 from lightning_peft.models import (
     DEFAULT_MODEL,
     dtype_for_precision,
@@ -55,6 +57,11 @@ class PeftCausalLM(L.LightningModule):
         warmup_steps: Linear warmup steps; overrides `warmup_ratio` when positive.
         warmup_ratio: Warmup as a fraction of all optimizer steps.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        loss_chunk_size: Compute the loss from the decoder's hidden states, at most this many supervised tokens
+            per lm_head call, so the (batch, time, vocab) logits never exist (`lightning_peft.losses`). Chunks
+            are recomputed in backward only when a batch has more supervised tokens than this. 0 or null: full
+            logits. Not used by a subclass that overrides `compute_loss` (it gets full logits), under FSDP2, or
+            for a model whose logits are not its lm_head's output.
         attn_implementation: transformers attention backend.
         revision: Model revision when loading from the Hub.
         trust_remote_code: Allow model code from the Hub (only for models you trust).
@@ -81,6 +88,7 @@ class PeftCausalLM(L.LightningModule):
         warmup_steps: int = 0,
         warmup_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
+        loss_chunk_size: int | None = 1024,
         attn_implementation: AttnImplementation | None = "sdpa",
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -105,6 +113,7 @@ class PeftCausalLM(L.LightningModule):
         self.hparams["adapter"] = None if adapter_path else adapters.config_to_dict(self.peft_config)
         self.model: Any = None
         self.tokenizer: Any = None
+        self._chunked_loss_ok: bool | None = None  # decided on first use (losses.chunking_blocker)
         self.train_loss, self.train_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         self.val_loss, self.val_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         self.test_loss, self.test_acc = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
@@ -198,21 +207,35 @@ class PeftCausalLM(L.LightningModule):
     @override
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         # The KV cache would make packed examples attend to each other (NOTES.md): always off in training.
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        return self.model(**inputs, use_cache=False)
+        return self.model(**_model_inputs(batch), use_cache=False)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], loss_metric, acc_metric) -> torch.Tensor:
         labels = batch["labels"]
-        # Prompt tuning and P-tuning return logits for their virtual tokens too: keep the real positions.
-        logits = self(batch).logits[:, -labels.shape[1] :]
-        loss = self.compute_loss(logits, labels, batch)
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        n_tokens = supervised.sum()
-        correct = ((logits[:, :-1].argmax(-1) == targets) & supervised).sum()
+        if self._uses_chunked_loss():
+            chunked = chunked_lm_loss(self.model, _model_inputs(batch), labels, self.hparams.loss_chunk_size)
+            loss, n_tokens, correct = chunked.loss, chunked.n_tokens, chunked.correct
+        else:
+            # Prompt tuning and P-tuning return logits for their virtual tokens too: keep the real positions.
+            logits = self(batch).logits[:, -labels.shape[1] :]
+            loss = self.compute_loss(logits, labels, batch)
+            targets = labels[:, 1:]
+            supervised = targets != IGNORE_INDEX
+            n_tokens = supervised.sum()
+            correct = ((logits[:, :-1].argmax(-1) == targets) & supervised).sum()
         loss_metric.update(loss.detach(), weight=n_tokens)
         acc_metric.update(correct / n_tokens.clamp(min=1), weight=n_tokens)
         return loss
+
+    def _uses_chunked_loss(self) -> bool:
+        """Chunked loss when `loss_chunk_size` is set, `compute_loss` is the built-in one and the model allows it."""
+        if not self.hparams.get("loss_chunk_size") or type(self).compute_loss is not PeftCausalLM.compute_loss:
+            return False
+        if self._chunked_loss_ok is None:
+            blocker = chunking_blocker(self.model, self.device)
+            if blocker is not None:
+                rank_zero_info(f"`loss_chunk_size`: computing the loss from full logits, because {blocker}.")
+            self._chunked_loss_ok = blocker is None
+        return self._chunked_loss_ok
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -448,7 +471,14 @@ def _validate(args: dict[str, Any]) -> None:
         problems.append(f"`warmup_steps`={args['warmup_steps']!r} must be >= 0")
     if not 0 <= args["warmup_ratio"] < 1:
         problems.append(f"`warmup_ratio`={args['warmup_ratio']!r} must be in [0, 1)")
+    if args["loss_chunk_size"] is not None and args["loss_chunk_size"] < 0:
+        problems.append(f"`loss_chunk_size`={args['loss_chunk_size']!r} must be >= 0 (0 or null: no chunking)")
     if args["quantization"] not in ("none", "8bit", "4bit"):
         problems.append(f"`quantization`={args['quantization']!r} must be one of none, 8bit, 4bit")
     if problems:
         raise ConfigError("; ".join(problems) + ".")
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch entries the model takes (labels stay out: the loss is computed here)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
