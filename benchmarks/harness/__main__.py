@@ -1,0 +1,6 @@
+"""`python -m benchmarks.harness ...`: see `run.py`."""
+
+from benchmarks.harness.run import main
+
+if __name__ == "__main__":
+    main()

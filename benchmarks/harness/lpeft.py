@@ -1,0 +1,79 @@
+"""System (e): lightning-peft, run exactly as `lpeft fit --config run.yaml` runs.
+
+The worker calls the `lpeft` console entry point in-process with a generated config, so the run has everything
+a user's run has: LightningCLI, `PeftCausalLM`, `SFTDataModule` reading the JSON Lines file (its tokenized form
+comes from the data cache, as on any second run), automatic precision, the default callbacks (`AdapterCheckpoint`,
+`RunSummary`, the progress bar, model summary), the CSV logger and the adapter written when fit ends. The only
+addition is `Recorder`, a callback that hands each step's batch and loss to the benchmark's recorder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import yaml
+
+from benchmarks.harness.common import LORA
+from benchmarks.harness.recorder import StepRecorder
+
+ACTIVE: StepRecorder | None = None  # the worker's recorder, found by the callback the CLI instantiates
+
+
+class Recorder(L.Callback):
+    """Reports each training step (batch, loss, end time) to the worker's `StepRecorder`."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ACTIVE.total_steps = int(trainer.estimated_stepping_batches)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        ACTIVE.add(batch, outputs["loss"])
+        ACTIVE.end_step()
+
+
+def run(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any]:
+    from lightning_peft.cli import main
+
+    global ACTIVE
+    ACTIVE = recorder
+    config = Path(spec["workdir"]) / "run.yaml"
+    config.write_text(yaml.safe_dump(fit_config(spec), sort_keys=False))
+    try:
+        main(["fit", "--config", str(config)])
+    except SystemExit as stop:  # click's standalone mode ends with sys.exit, 0 on success
+        if stop.code not in (0, None):
+            raise RuntimeError(f"lpeft fit exited with {stop.code}") from None
+    return {"config": fit_config(spec)}
+
+
+def fit_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """The `lpeft fit` config of this system: lightning-peft's defaults plus the benchmark's shared settings."""
+    workdir = Path(spec["workdir"])
+    return {
+        "seed_everything": spec["seed"],
+        "model": {
+            "model_name_or_path": spec["model_dir"],
+            "quantization": spec["quantization"],
+            "adapter": {k: v for k, v in LORA.items() if k != "target_modules"},  # all-linear is the default
+            "learning_rate": spec["lr"],
+            **spec.get("model_options", {}),
+        },
+        "data": {
+            "train_file": spec["train_file"],
+            "format": "messages",
+            "max_length": spec["max_length"],
+            "batch_size": spec["batch_size"],
+            "packing": spec["packing"],
+            "seed": spec["seed"],
+        },
+        "trainer": {
+            "accelerator": "gpu" if spec["device"] == "cuda" else "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "default_root_dir": str(workdir),
+            "callbacks": [{"class_path": "benchmarks.harness.lpeft.Recorder"}],
+        },
+    }

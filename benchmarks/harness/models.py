@@ -1,0 +1,91 @@
+"""The benchmark's models: the real SmolLM2-135M-Instruct, or random-init Llamas of a few shapes built offline.
+
+Random weights are fine for a speed benchmark (the cost of a step does not depend on the values) and are all a
+machine without downloads can have. They pair with a byte-level tokenizer (one token per byte, like the tests'
+`tests/tiny.py`), whatever the vocabulary size of the shape: the embedding and LM head cost what the shape says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Llama shapes. `1b` is Llama-3.2-1B's (1.24B parameters, tied embeddings, 128k vocabulary).
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "small": dict(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+}
+SMOLLM2 = "smollm2-135m-instruct"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def prepare_model(shape: str, folder: Path, device: str = "cpu") -> Path:
+    """A model folder for `shape`: SmolLM2's cached safetensors folder, or a random Llama saved into `folder`."""
+    if shape == SMOLLM2:
+        from lightning_peft.models import resolve_model
+
+        return Path(resolve_model(SMOLLM2))
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; use {SMOLLM2} or one of {', '.join(SHAPES)}")
+    return save_random_llama(folder, SHAPES[shape], device)
+
+
+def save_random_llama(folder: Path, shape: dict[str, Any], device: str = "cpu") -> Path:
+    """Write a seeded random-init Llama of `shape` (bf16 when it has over 100M parameters) and a byte tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    settings = {"vocab_size": len(tokenizer), "tie_word_embeddings": False, **shape}
+    config = LlamaConfig(
+        **settings, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2, use_cache=False
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    if model.num_parameters() > 100_000_000:
+        model = model.to(torch.bfloat16)  # half the bytes to write and read; each system loads it in its own dtype
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level BPE tokenizer without merges (256 byte tokens + ChatML specials), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

@@ -1,0 +1,73 @@
+"""The systems compared, and which of them train on identical batches (their losses must agree step by step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class System:
+    """One way to fine-tune.
+
+    Attributes:
+        name: the key in the results.
+        runner: the harness module that trains it.
+        label: what it is, for the table.
+        packing: trains on packed rows rather than padded examples.
+        quantization: "4bit" for QLoRA.
+        padding: "max_length" for the classic recipe, else each batch to its longest row.
+        group: systems of one group train on the same examples in the same batches (None: its own batches).
+        model_options: extra `model:` settings of a lightning-peft system.
+        default: run it unless `--systems` says otherwise.
+    """
+
+    name: str
+    runner: str
+    label: str
+    packing: bool
+    quantization: str = "none"
+    padding: str = "dynamic"
+    group: str | None = None
+    model_options: tuple[tuple[str, Any], ...] = ()
+    default: bool = True
+
+
+SYSTEMS: tuple[System, ...] = (
+    System("raw-lora-padded", "raw", "(a) PyTorch + PEFT loop, padded batches", False, group="lora-padded"),
+    System(
+        "hf-classic",
+        "hf_trainer",
+        "(b) Trainer + PEFT, padding=max_length",
+        False,
+        padding="max_length",
+        group="lora-padded",
+    ),
+    System(
+        "hf-dynamic", "hf_trainer", "(c) Trainer + PEFT, dynamic padding + length grouping", False, group="lora-padded"
+    ),
+    System("lpeft-lora-padded", "lpeft", "(e) lightning-peft LoRA, packing off", False, group="lora-padded"),
+    System("raw-lora-packed", "raw", "(a) PyTorch + PEFT loop, packed batches", True, group="lora-packed"),
+    System("trl-packed", "trl_sft", "(d) TRL SFTTrainer, packing (bfd, padding-free)", True),
+    System("lpeft-lora-packed", "lpeft", "(e) lightning-peft LoRA, packing on", True, group="lora-packed"),
+    # The framework alone: the raw loop's loss (from the full logits) instead of lightning-peft's chunked one.
+    System(
+        "lpeft-lora-packed-full-logits",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, loss from the full logits (loss_chunk_size: 0)",
+        True,
+        group="lora-packed",
+        model_options=(("loss_chunk_size", 0),),
+        default=False,
+    ),
+    System("raw-qlora-packed", "raw", "(a) PyTorch + PEFT loop, QLoRA, packed", True, "4bit", group="qlora-packed"),
+    System("lpeft-qlora-packed", "lpeft", "(e) lightning-peft QLoRA, packing on", True, "4bit", group="qlora-packed"),
+)
+BY_NAME = {system.name: system for system in SYSTEMS}
+
+
+def floor_of(system: System) -> str:
+    """The raw loop with the same batching and quantization: the overhead floor this system is measured against."""
+    if system.quantization == "4bit":
+        return "raw-qlora-packed"
+    return "raw-lora-packed" if system.packing else "raw-lora-padded"
