@@ -5,6 +5,9 @@ a user's run has: LightningCLI, `PeftCausalLM`, `SFTDataModule` reading the JSON
 comes from the data cache, as on any second run), automatic precision, the default callbacks (`AdapterCheckpoint`,
 `RunSummary`, the progress bar, model summary), the CSV logger and the adapter written when fit ends. The only
 addition is `Recorder`, a callback that hands each step's batch and loss to the benchmark's recorder.
+
+`RawLossLM` (system `lpeft-lora-packed-raw-loss`) trains with the raw loop's loss and nothing else per step, so
+what it costs over the raw loop is the framework's alone.
 """
 
 from __future__ import annotations
@@ -13,12 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 import yaml
 
 from benchmarks.harness.common import LORA
+from benchmarks.harness.raw import shifted_cross_entropy
 from benchmarks.harness.recorder import StepRecorder
+from lightning_peft import PeftCausalLM
 
 ACTIVE: StepRecorder | None = None  # the worker's recorder, found by the callback the CLI instantiates
+
+
+class RawLossLM(PeftCausalLM):
+    """`PeftCausalLM` whose training step is the raw loop's: the loss from the full logits, no metrics, no logging."""
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return shifted_cross_entropy(self(batch).logits, batch["labels"])
 
 
 class Recorder(L.Callback):
@@ -52,15 +65,18 @@ def run(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any]:
 def fit_config(spec: dict[str, Any]) -> dict[str, Any]:
     """The `lpeft fit` config of this system: lightning-peft's defaults plus the benchmark's shared settings."""
     workdir = Path(spec["workdir"])
+    model = {
+        "model_name_or_path": spec["model_dir"],
+        "quantization": spec["quantization"],
+        "adapter": {k: v for k, v in LORA.items() if k != "target_modules"},  # all-linear is the default
+        "learning_rate": spec["lr"],
+        **spec.get("model_options", {}),
+    }
+    if spec.get("model_class"):
+        model = {"class_path": spec["model_class"], "init_args": model}
     return {
         "seed_everything": spec["seed"],
-        "model": {
-            "model_name_or_path": spec["model_dir"],
-            "quantization": spec["quantization"],
-            "adapter": {k: v for k, v in LORA.items() if k != "target_modules"},  # all-linear is the default
-            "learning_rate": spec["lr"],
-            **spec.get("model_options", {}),
-        },
+        "model": model,
         "data": {
             "train_file": spec["train_file"],
             "format": "messages",

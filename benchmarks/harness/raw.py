@@ -37,11 +37,19 @@ def run(spec: dict[str, Any], recorder: StepRecorder) -> dict[str, Any]:
 
 
 def next_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
-    """Mean cross-entropy of each next token over the supervised ones. The logits are released on return (the
-    backward needs only what autograd saved), so they never outlive their step."""
+    """Mean cross-entropy of each next token over the supervised ones.
+
+    The labels are shifted rather than the logits (as transformers' own loss does): slicing the logits would copy
+    all of them, 200 MB and ~0.2 s per step for SmolLM2 at 4 x 256 on a CPU. The logits are released on return
+    (the backward needs only what autograd saved), so they never outlive their step.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with autocast(spec):
         logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
-    )
+    return shifted_cross_entropy(logits, batch["labels"])
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `logits` at each position against the next label, over the supervised ones."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)

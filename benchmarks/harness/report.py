@@ -46,7 +46,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
     rows = []
     ran = {e["system"] for e in results["systems"]}
-    for system in ("lpeft-lora-padded", "lpeft-lora-packed", "lpeft-lora-packed-full-logits", "lpeft-qlora-packed"):
+    optional = ("lpeft-lora-packed-full-logits", "lpeft-lora-packed-raw-loss")
+    for system in ("lpeft-lora-padded", "lpeft-lora-packed", *optional, "lpeft-qlora-packed"):
         if system not in ran and not BY_NAME[system].default:
             continue
         floor = floor_of(BY_NAME[system])

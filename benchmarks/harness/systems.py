@@ -19,6 +19,7 @@ class System:
         padding: "max_length" for the classic recipe, else each batch to its longest row.
         group: systems of one group train on the same examples in the same batches (None: its own batches).
         model_options: extra `model:` settings of a lightning-peft system.
+        model_class: the `model.class_path` of a lightning-peft system, when not `PeftCausalLM`.
         default: run it unless `--systems` says otherwise.
     """
 
@@ -30,6 +31,7 @@ class System:
     padding: str = "dynamic"
     group: str | None = None
     model_options: tuple[tuple[str, Any], ...] = ()
+    model_class: str | None = None
     default: bool = True
 
 
@@ -58,6 +60,15 @@ SYSTEMS: tuple[System, ...] = (
         True,
         group="lora-packed",
         model_options=(("loss_chunk_size", 0),),
+        default=False,
+    ),
+    System(
+        "lpeft-lora-packed-raw-loss",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, with the raw loop's loss and no metrics: the framework alone",
+        True,
+        group="lora-packed",
+        model_class="benchmarks.harness.lpeft.RawLossLM",
         default=False,
     ),
     System("raw-qlora-packed", "raw", "(a) PyTorch + PEFT loop, QLoRA, packed", True, "4bit", group="qlora-packed"),
