@@ -260,9 +260,25 @@ def load_base_model(
         # bitsandbytes places the quantized weights itself; CPU unless a GPU is present.
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise ConfigError(_unreachable_message(name_or_path, err)) from err
+    if quantization == "4bit":
+        keep_4bit_layout_on_cpu(model)
+    return model
+
+
+def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its bf16 CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a `Linear4bit` that runs in eval mode without gradients rewrites its weight into
+    another layout once, with bf16 scales, and from then on computes in bf16: validation would no longer compute
+    what training does (fp32 compute on CPUs), merging and saving must undo the layout, and layers narrower than
+    a quantization block (64 inputs) fail to repack at all. One layout keeps train and eval the same arithmetic.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_tokenizer(

@@ -89,6 +89,19 @@ def test_linear_module_names_include_quantized_layers(tiny_model_dir):
     assert models.linear_module_names(quantized) == expected
 
 
+def test_a_4bit_model_computes_the_same_in_eval_as_in_training(tiny_model_dir):
+    # On CPUs with AVX512-BF16, bitsandbytes would repack the weights for a bf16 kernel at the first eval forward
+    # without gradients (and fail on this model's 32-wide layers); the model must keep training's arithmetic.
+    model = models.load_base_model(str(tiny_model_dir), quantization="4bit")
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.train()
+    training = model(input_ids=ids, use_cache=False).logits
+    model.eval()
+    with torch.no_grad():
+        evaluation = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(evaluation, training.detach(), rtol=0, atol=1e-6)
+
+
 def test_packed_examples_are_isolated_with_position_ids(tiny_model_dir):
     model = models.load_base_model(str(tiny_model_dir), attn_implementation="sdpa")
     assert models.packed_examples_are_isolated(model)
