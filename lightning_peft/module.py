@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_peft import adapters
 from lightning_peft.data.tokenization import IGNORE_INDEX
 from lightning_peft.errors import ConfigError
-from lightning_peft.losses import chunked_lm_loss, chunking_blocker
+from lightning_peft.losses import chunked_lm_loss, chunking_blocker, next_token_cross_entropy, next_token_targets
 from lightning_peft.models import (
     DEFAULT_MODEL,
     dtype_for_precision,
@@ -164,9 +164,7 @@ class PeftCausalLM(L.LightningModule):
             labels: (batch, time) target ids, not shifted; -100 marks tokens without loss.
             batch: the whole batch, for losses that need more (weights, rewards ...).
         """
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return next_token_cross_entropy(logits, labels)
 
     # ---- model construction --------------------------------------------------------------------------------
 
@@ -218,10 +216,10 @@ class PeftCausalLM(L.LightningModule):
             # Prompt tuning and P-tuning return logits for their virtual tokens too: keep the real positions.
             logits = self(batch).logits[:, -labels.shape[1] :]
             loss = self.compute_loss(logits, labels, batch)
-            targets = labels[:, 1:]
+            targets = next_token_targets(labels)
             supervised = targets != IGNORE_INDEX
             n_tokens = supervised.sum()
-            correct = ((logits[:, :-1].argmax(-1) == targets) & supervised).sum()
+            correct = ((logits.argmax(-1) == targets) & supervised).sum()
         loss_metric.update(loss.detach(), weight=n_tokens)
         acc_metric.update(correct / n_tokens.clamp(min=1), weight=n_tokens)
         return loss

@@ -10,7 +10,13 @@ from tiny import build_model
 
 from lightning_peft import PeftCausalLM
 from lightning_peft.errors import ConfigError
-from lightning_peft.losses import _is_frozen_linear, chunked_lm_loss, chunking_blocker
+from lightning_peft.losses import (
+    _is_frozen_linear,
+    chunked_lm_loss,
+    chunking_blocker,
+    next_token_cross_entropy,
+    next_token_targets,
+)
 
 VOCAB = 259  # the tiny tokenizer's size
 TOLERANCE = {"rtol": 0, "atol": 1e-5}
@@ -202,6 +208,19 @@ def test_no_supervised_token_gives_nan_and_zero_gradients_like_torch():
         assert torch.equal(grad, torch.zeros_like(grad)) and torch.equal(got_grads[name], grad), name
 
 
+def test_shifting_the_labels_equals_slicing_the_logits():
+    _, labels = padded_batch()
+    logits = torch.randn(*labels.shape, VOCAB, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    got = next_token_cross_entropy(logits, labels)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-7)
+    targets = next_token_targets(labels)
+    assert torch.equal(targets[:, :-1], labels[:, 1:]) and (targets[:, -1] == -100).all()
+
+
 # ---- wired into PeftCausalLM ----------------------------------------------------------------------------------
 
 
@@ -263,7 +282,7 @@ def test_a_model_that_blocks_chunking_falls_back_to_full_logits(tiny_model_dir):
     batch = {**inputs, "labels": labels}
     loss = chunked._shared_step(batch, chunked.train_loss, chunked.train_acc)
     assert chunked._chunked_loss_ok is False
-    torch.testing.assert_close(loss, reference_loss(chunked.model, inputs, labels), rtol=0, atol=0)
+    torch.testing.assert_close(loss, reference_loss(chunked.model, inputs, labels), rtol=0, atol=1e-6)
 
 
 def test_training_with_chunks_gives_the_same_adapter_and_metrics(tiny_model_dir, tmp_path):

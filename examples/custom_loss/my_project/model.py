@@ -11,6 +11,7 @@ import torch
 from typing_extensions import override
 
 from lightning_peft import ConfigError, PeftCausalLM
+from lightning_peft.losses import next_token_targets
 
 IGNORE_INDEX = -100
 
@@ -48,8 +49,8 @@ class SmoothedZLossLM(PeftCausalLM):
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.model.training:  # validation and evaluate(): the plain loss of the base class
             return super().compute_loss(logits, labels, batch)
-        logits = logits[:, :-1].flatten(0, 1).float()
-        targets = labels[:, 1:].flatten()
+        logits = logits.flatten(0, 1).float()
+        targets = next_token_targets(labels).flatten()  # shifts the labels, so the logits are not copied
         loss = torch.nn.functional.cross_entropy(
             logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing
         )
