@@ -1,8 +1,9 @@
 """The benchmark's models: the real SmolLM2-135M-Instruct, or random-init Llamas of a few shapes built offline.
 
 Random weights are fine for a speed benchmark (the cost of a step does not depend on the values) and are all a
-machine without downloads can have. They pair with a byte-level tokenizer (one token per byte, like the tests'
-`tests/tiny.py`), whatever the vocabulary size of the shape: the embedding and LM head cost what the shape says.
+machine without downloads can have. They pair with a byte-level tokenizer (`lightning_peft.testing`, one token per
+byte, as in the tests), whatever the vocabulary size of the shape: the embedding and LM head cost what the
+shape says.
 """
 
 from __future__ import annotations
@@ -30,12 +31,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 SMOLLM2 = "smollm2-135m-instruct"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def prepare_model(shape: str, folder: Path, device: str = "cpu") -> Path:
@@ -54,6 +49,8 @@ def save_random_llama(folder: Path, shape: dict[str, Any], device: str = "cpu") 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lightning_peft.testing import byte_tokenizer
+
     tokenizer = byte_tokenizer()
     settings = {"vocab_size": len(tokenizer), "tie_word_embeddings": False, **shape}
     config = LlamaConfig(
@@ -67,25 +64,3 @@ def save_random_llama(folder: Path, shape: dict[str, Any], device: str = "cpu") 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def byte_tokenizer() -> Any:
-    """A byte-level BPE tokenizer without merges (256 byte tokens + ChatML specials), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
