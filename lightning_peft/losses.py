@@ -168,20 +168,18 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         correct = targets.new_zeros(())
         for start in range(0, len(targets), chunk_size):
-            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            raw = torch.nn.functional.linear(h, weight, bias)
-            capped = torch.tanh(raw / softcap) if softcap is not None else None
-            logits = (raw if capped is None else capped * softcap).float()
-            correct += (logits.argmax(-1) == t).sum()
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if needs_grad:
-                # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits' buffer.
-                grad = logits.sub_(log_z[:, None]).exp_()
-                grad[torch.arange(len(t), device=t.device), t] -= 1
-                if capped is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2
-                    grad *= 1 - capped.float().square()
-                grad_hidden[start : start + chunk_size] = grad.to(weight.dtype) @ weight
+            chunk = slice(start, start + chunk_size)
+            # A function per chunk: its logits are freed on return, before the next chunk's are allocated.
+            loss, right = _frozen_linear_chunk(
+                hidden[chunk],
+                targets[chunk],
+                weight,
+                bias,
+                softcap,
+                None if grad_hidden is None else grad_hidden[chunk],
+            )
+            total += loss
+            correct += right
         ctx.mark_non_differentiable(correct)
         ctx.save_for_backward(grad_hidden)
         return total, correct
@@ -190,6 +188,36 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_correct):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
+
+
+def _frozen_linear_chunk(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    grad_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and correct-argmax count of one chunk; writes d(loss)/d(hidden) into `grad_out`."""
+    raw = torch.nn.functional.linear(hidden, weight, bias)
+    capped = torch.tanh(raw / softcap) if softcap is not None else None
+    logits = (raw if capped is None else capped * softcap).float()
+    correct = (logits.argmax(-1) == targets).sum()
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    # logsumexp as torch computes it (max + log of the sum of exp(x - max)), but in the logits' own buffer: one
+    # chunk-sized buffer instead of three, and the exponentials are the softmax's numerators.
+    peak = logits.amax(-1, keepdim=True)
+    numerators = logits.sub_(peak).exp_()
+    sums = numerators.sum(-1)
+    loss = (sums.log() + peak.squeeze(1) - target_logits).sum()
+    if grad_out is not None:
+        # d(sum of losses)/d(logits) = softmax - one_hot, still in the same buffer.
+        grad = numerators.div_(sums[:, None])
+        grad[torch.arange(len(targets), device=targets.device), targets] -= 1
+        if capped is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2
+            grad *= 1 - capped.float().square()
+        grad_out.copy_(grad.to(weight.dtype) @ weight)  # copy_ casts where hidden and weight dtypes differ
+    return loss, correct
 
 
 def _is_frozen_linear(module: torch.nn.Module) -> bool:
