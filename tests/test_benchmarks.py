@@ -127,6 +127,26 @@ def test_startup_check_sees_imports_and_lpeft_help_imports_no_torch():
     assert "click" in modules and "torch" not in modules
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_loss_memory_measures_each_loss_path_and_the_floor(tiny_model_dir):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import loss_memory
+
+    common = dict(model=str(tiny_model_dir), quantization="none", gradient_checkpointing=False, batch=2, length=24)
+    common.update(rank=4, steps=1, malloc="mmap")
+    rows = [
+        loss_memory.measure({**common, "chunk_size": chunk, "floor": floor})
+        for chunk, floor in ((0, False), (8, False), (0, True))
+    ]
+    full, chunked, floor = rows
+    assert chunked["chunked"] and not full["chunked"] and floor["floor"] and abs(floor["loss"]) < 1  # a hidden mean
+    assert abs(chunked["loss"] - full["loss"]) < 1e-5 and full["loss"] > 1  # a real cross-entropy, both paths
+    assert all(r["peak_rss_bytes"] >= r["rss_before_step_bytes"] > 0 for r in rows)
+    lines = loss_memory.comparisons(rows)
+    assert any("chunked peak RSS" in line and "the most any loss path could save" in line for line in lines)
+    assert "no loss head (floor)" in loss_memory.table(rows)
+
+
 def test_gpu_script_dry_run_writes_results_with_agreeing_losses(tmp_path):
     """gpu.sh's Python path on the CPU with a tiny model: raw loop and lightning-peft on identical batches."""
     out = tmp_path / "results"
