@@ -10,8 +10,9 @@ base, fp32 compute):
 
 - memory: one warm-up step, then `--steps` measured steps of forward + backward, for both loss paths and for
   the floor (the decoder alone under a loss that costs nothing: no loss path can use less, so it bounds what
-  any loss path can save), LoRA and QLoRA, gradient checkpointing off and on. Peak memory is the kernel's VmHWM, reset (`/proc/self/clear_refs`,
-  after `malloc_trim`) just before each measured step, so loading the model does not count.
+  any loss path can save), LoRA and QLoRA, gradient checkpointing off and on. Peak memory is the kernel's
+  VmHWM, reset (`/proc/self/clear_refs`, after `malloc_trim`) just before each measured step, so loading the
+  model does not count.
 - head: the loss head alone (lm_head + cross-entropy + argmax, forward + backward) on random hidden states, full
   logits vs several chunk sizes, best of 3: the loss path's own time, without the rest of the step.
 - timing: whole steps of both paths in one process, alternating (full, chunked, full, ...), best and median
