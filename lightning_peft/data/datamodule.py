@@ -18,6 +18,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_peft.data.chat_templates import apply_chat_template
+from lightning_peft.data.chat_templates import resolve as resolve_chat_template
 from lightning_peft.data.collate import (
     LengthGroupedSampler,
     PromptCollator,
@@ -50,7 +52,7 @@ class SFTDataModule(LightningDataModule):
             test; `predict` reads only `predict_file`.
         val_file: the validation data, in any of the same forms.
         val_fraction: hold out this fraction of `train_file` (a seeded split) when there is no `val_file`.
-        format: how records become text: "messages" (chat, rendered with the tokenizer's chat template, loss on
+        format: how records become text: "messages" (chat, rendered with the chat template, loss on
             the assistant turns), "prompt_completion" (loss on the completion), "alpaca" (instruction, optional
             input, output; loss on the output), "text" (plain language modelling), or "auto" to detect it.
         columns: our field name -> the file's column, e.g. {"messages": "conversations", "prompt": "question"}.
@@ -66,6 +68,12 @@ class SFTDataModule(LightningDataModule):
         seed: seed of the validation split and of the shuffles.
         tokenizer: the tokenizer's model name or path (given to `lightning_peft.models.load_tokenizer`); from
             Python a tokenizer object is accepted too. The `lpeft` CLI links it to `model.model_name_or_path`.
+        chat_template: the chat template that renders conversations (`messages`, conversational
+            prompt/completion, predict prompts): null keeps the tokenizer's own; a built-in name (chatml, gemma,
+            llama3, mistral, phi3, qwen2), a Jinja string, or the path of a .jinja file. Special tokens it writes
+            that the vocabulary lacks (`<|im_start|>` for chatml on a base Llama) are added to the tokenizer; the
+            `lpeft` CLI hands the setting to the model, which trains only those new embedding rows (PEFT's
+            trainable tokens) and saves the tokenizer, template included, with the adapter.
         cache: keep tokenized data on disk (`$LPEFT_DATA_CACHE`) and reuse it when nothing changed.
         test_file: the data `lpeft test` (`Trainer.test`) measures, in any of the file forms and formats above.
         predict_file: prompts to complete with `lpeft predict` (`Trainer.predict`), in any of the file forms,
@@ -94,6 +102,7 @@ class SFTDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         tokenizer: str | None = None,
+        chat_template: str | None = None,
         cache: bool = True,
         predict_file: str | None = None,
         test_file: str | None = None,
@@ -111,6 +120,7 @@ class SFTDataModule(LightningDataModule):
             batch_size=batch_size,
             val_batch_size=val_batch_size,
             num_workers=num_workers,
+            chat_template=chat_template,
         )
         # A tokenizer object is not a hyperparameter (and should not be pickled into checkpoints); its name is.
         self.save_hyperparameters(ignore=None if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
@@ -122,6 +132,7 @@ class SFTDataModule(LightningDataModule):
         self.packing, self.group_by_length = packing, group_by_length
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.cache = num_workers, seed, cache
+        self.chat_template = chat_template
         self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else None
         self._tokenizer: Any = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
         self.stats: dict[str, dict[str, Any]] = {}
@@ -386,6 +397,8 @@ class SFTDataModule(LightningDataModule):
                 "`tokenizer`=None: the data module needs a tokenizer; set data.tokenizer to the model's name or "
                 "path, or pass a tokenizer object (SFTDataModule(..., tokenizer=tok) or set_tokenizer(tok))."
             )
+        # Idempotent: a tokenizer that already has the template and its tokens (the model's) stays as it is.
+        apply_chat_template(tokenizer, self.chat_template)
         return tokenizer
 
     def _require_setup(self, dataset: Dataset | None) -> Dataset:
@@ -431,6 +444,11 @@ def _validate(**args: Any) -> None:
     if args["format"] not in ("auto", *FORMATS):
         problems.append(f"`format`={args['format']!r} must be one of auto, {', '.join(FORMATS)}")
     problems.extend(_column_problems(args["columns"]))
+    if args["chat_template"] is not None:
+        try:
+            resolve_chat_template(args["chat_template"])
+        except ConfigError as err:
+            problems.append(str(err).rstrip("."))
     for name, least in (("max_length", 2), ("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0)):
         value = args[name]
         if value is None and name == "val_batch_size":

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_peft.data import chat_templates
 from lightning_peft.data.readers import Records
 from lightning_peft.errors import ConfigError, DataError
 
@@ -303,9 +304,10 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, fmt: str):
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
-                f"`format`={fmt!r} renders conversations with the tokenizer's chat template, but the tokenizer "
-                f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has none; use a tokenizer "
-                "with a chat template, or data.format 'text', 'prompt_completion' (strings) or 'alpaca'."
+                f"`format`={fmt!r} renders conversations with a chat template, but the tokenizer "
+                f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has none; set "
+                f"`{chat_templates.SETTING}` to a built-in ({chat_templates.builtin_names()}), a Jinja string or a "
+                ".jinja file, or use data.format 'text', 'prompt_completion' (strings) or 'alpaca'."
             )
         self.tokenizer = tokenizer
         specials = set(getattr(tokenizer, "all_special_tokens", []))
@@ -320,13 +322,14 @@ class ChatRenderer:
             if messages[i]["role"] != "assistant":
                 continue
             prefix, upto = self.prompt(messages[:i]), self._apply(messages[: i + 1], False)
-            if not (upto.startswith(prefix) and text.startswith(upto)):
+            end = self._turn_end(upto, len(prefix), messages[i]["content"])
+            if not (upto.startswith(prefix) and text.startswith(upto[:end])):
                 raise RowError(
                     "the chat template is not prefix-stable (rendering the first turns of the conversation does "
                     "not give the start of the whole rendering), so the assistant tokens cannot be located; "
                     "use a template without that behaviour, or data.format 'prompt_completion' with strings."
                 )
-            spans.append((len(prefix), self._turn_end(upto, len(prefix))))
+            spans.append((len(prefix), end))
         return Rendered(text, tuple(spans), special_tokens=False, append_eos=False, supervise_all=supervise_all)
 
     def prompt(self, messages: list[dict[str, Any]]) -> str:
@@ -336,9 +339,16 @@ class ChatRenderer:
         """
         return self._apply(messages, True)
 
-    def _turn_end(self, upto: str, start: int) -> int:
-        # Whitespace the template writes after the end-of-turn token is not something to predict; keep it out so
-        # the turn ends on that token. Templates without such a token keep their trailing text.
+    def _turn_end(self, upto: str, start: int, content: str) -> int:
+        # The turn ends on the first end-of-turn token after the reply: whitespace after it is not something to
+        # predict, nor is what some templates write only after a conversation's last turn (Phi-3's EOS).
+        # Templates without such a token keep their trailing text.
+        found = upto.find(content.strip(), start)
+        after = found + len(content.strip()) if found >= 0 else start
+        rest = upto[after:]
+        token = next((t for t in self.end_tokens if rest.lstrip().startswith(t)), None)
+        if token is not None:
+            return len(upto) - len(rest.lstrip()) + len(token)
         stripped = upto.rstrip()
         if len(stripped) > start and stripped.endswith(self.end_tokens):
             return len(stripped)
