@@ -295,10 +295,19 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, tokenizer:
     """
     directory = Path(directory)
     with staged_folder(directory, overwrite=True) as staging:
-        peft_model.save_pretrained(staging, safe_serialization=True)
+        peft_model.save_pretrained(staging, safe_serialization=True, **save_options(peft_model))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return directory
+
+
+def save_options(peft_model: PeftModel) -> dict[str, Any]:
+    """Extra `save_pretrained` arguments: an adapter with trainable tokens saves its token rows, never the whole
+    embedding matrix that PEFT would save because the vocabulary grew (`lightning_peft.tokens`)."""
+    configs = getattr(peft_model, "peft_config", {}).values()
+    if any(getattr(config, "trainable_token_indices", None) for config in configs):
+        return {"save_embedding_layers": False}
+    return {}
 
 
 def load_adapter(base_model: torch.nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False) -> PeftModel:

@@ -245,7 +245,7 @@ def _logits_both_ways(
     model: torch.nn.Module, base: torch.nn.Module, decoder: torch.nn.Module, device: Any
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Logits of 6 random tokens as the model returns them and as rebuilt from its decoder (eval mode)."""
-    vocab = base.get_input_embeddings().num_embeddings
+    vocab = base.get_input_embeddings().weight.shape[0]  # PEFT wrappers (trainable tokens) have no num_embeddings
     input_ids = torch.randint(vocab, (1, 6), generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training
     model.eval()

@@ -337,7 +337,7 @@ class _MergeJob:
         )
         model.eval()
         if not self.probes:
-            self.probes = _probe_inputs(self.tokenizer(), model.get_input_embeddings().num_embeddings)
+            self.probes = _probe_inputs(self.tokenizer(), model.get_input_embeddings().weight.shape[0])
         return model
 
     def with_adapter(self, model: torch.nn.Module) -> Any:

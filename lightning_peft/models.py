@@ -327,7 +327,7 @@ def packed_examples_are_isolated(model: torch.nn.Module, device: Any = None, len
     """
     import torch
 
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = model.get_input_embeddings().weight.shape[0]  # also under PEFT wrappers (trainable tokens)
     generator = torch.Generator().manual_seed(0)
     first_a, first_b, second = (torch.randint(3, vocab, (1, length), generator=generator) for _ in range(3))
     position_ids = torch.arange(length).repeat(1, 2).to(device)

@@ -20,6 +20,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
 from lightning_peft import adapters
+from lightning_peft.data import chat_templates
 from lightning_peft.data.tokenization import IGNORE_INDEX
 from lightning_peft.errors import ConfigError
 from lightning_peft.losses import chunked_lm_loss, chunking_blocker, next_token_cross_entropy, next_token_targets
@@ -30,6 +31,7 @@ from lightning_peft.models import (
     load_tokenizer,
     packed_examples_are_isolated,
 )
+from lightning_peft.tokens import grow_embeddings, tokenizer_source, with_trainable_tokens
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,11 @@ class PeftCausalLM(L.LightningModule):
             it was trained on (a warning instead of an error).
         adapter_dir: Where the final adapter goes at the end of fit; default `<trainer.log_dir>/adapter`.
         save_adapter_on_fit_end: Write the final adapter (plain PEFT format) when fit ends.
+        chat_template: The chat template (a built-in name, a Jinja string or a .jinja file); the `lpeft` CLI
+            sets it from `data.chat_template`. Special tokens it writes that the vocabulary lacks are added to the
+            tokenizer, the embeddings (and an untied lm_head) grow by as many rows, and only those rows are
+            trained, through PEFT's trainable tokens (LoRA's `trainable_token_indices`): the base's weights never
+            change. The tokenizer saved with the adapter carries the template and the tokens.
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class PeftCausalLM(L.LightningModule):
         allow_base_mismatch: bool = False,
         adapter_dir: str | None = None,
         save_adapter_on_fit_end: bool = True,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
         if adapter_path is not None and adapter is not None:
@@ -108,6 +116,8 @@ class PeftCausalLM(L.LightningModule):
         else:
             self.peft_config = adapters.build_peft_config(adapter)
         _validate(locals())
+        if chat_template is not None:
+            chat_templates.resolve(chat_template)  # a bad name or file fails here, before any loading
         self.save_hyperparameters(ignore=["adapter"])
         # Checkpoints reload hparams: keep the adapter as plain data, never a pickled peft object.
         self.hparams["adapter"] = None if adapter_path else adapters.config_to_dict(self.peft_config)
@@ -179,12 +189,19 @@ class PeftCausalLM(L.LightningModule):
         """Load the base and inject the adapter once; Lightning calls this inside the strategy's context."""
         if self.model is not None:
             return
+        hp = self.hparams
         self.tokenizer = load_tokenizer(
-            self.hparams.model_name_or_path,
-            revision=self.hparams.revision,
-            trust_remote_code=self.hparams.trust_remote_code,
+            tokenizer_source(hp.model_name_or_path, hp.adapter_path),
+            revision=hp.revision,
+            trust_remote_code=hp.trust_remote_code,
         )
-        self.model = self.build_adapter(self.load_base_model())
+        new_tokens = chat_templates.apply_chat_template(self.tokenizer, hp.get("chat_template"))
+        base = self.load_base_model()
+        # The template's new tokens (and those of an adapter_path trained with them) need rows of their own.
+        grow_embeddings(base, len(self.tokenizer))
+        if new_tokens:
+            self._train_new_tokens(base, chat_templates.added_token_ids(self.tokenizer, new_tokens))
+        self.model = self.build_adapter(base)
         # from_pretrained returns the base in eval mode; adapter dropout must be active while training.
         self.model.train()
         if self._device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 (strategies.FSDP2)
@@ -192,6 +209,16 @@ class PeftCausalLM(L.LightningModule):
 
             options = getattr(self.trainer.strategy, "shard_options", {})
             shard_decoder_layers(self.model, self._device_mesh["data_parallel"], **options)
+
+    def _train_new_tokens(self, base: torch.nn.Module, token_ids: list[int]) -> None:
+        if self.hparams.adapter_path is not None:
+            raise ConfigError(
+                f"`data.chat_template`={self.hparams.chat_template!r} adds tokens that the tokenizer of "
+                f"`adapter_path`={self.hparams.adapter_path!r} lacks, and a saved adapter cannot gain trainable "
+                "rows; leave data.chat_template unset to use the adapter's own template, or train a new adapter."
+            )
+        self.peft_config = with_trainable_tokens(self.peft_config, base, token_ids)
+        rank_zero_info(f"`data.chat_template`: training the embedding rows of the new tokens {token_ids} only.")
 
     def _max_steps_for_adalora(self) -> int:
         if self._trainer is not None and self._trainer.max_steps > 0:

@@ -184,11 +184,12 @@ def save_gathered_adapter(
     PEFT's own `save_pretrained` writes them, given as `state_dict`: the folder is the same as an unsharded run's
     (same keys, config and tokenizer files).
     """
+    from lightning_peft.adapters import save_options
     from lightning_peft.atomic import staged_folder
 
     directory = Path(directory)
     with staged_folder(directory, overwrite=True) as staging:
-        peft_model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        peft_model.save_pretrained(staging, state_dict=state, safe_serialization=True, **save_options(peft_model))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return directory

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_peft.adapters import save_options
 from lightning_peft.errors import ConfigError
 
 STATE_FILE = "trainer_state.ckpt"
@@ -78,7 +79,8 @@ def write_checkpoint(
     peft_state = {k[len(prefix) :]: v for k, v in module_state.items() if k.startswith(prefix) and k in adapter_keys}
     outside = {k: v for k, v in module_state.items() if not k.startswith(prefix)}
     adapter = peft_model.active_adapter
-    saved = get_peft_model_state_dict(peft_model, state_dict=peft_state, adapter_name=adapter)
+    options = save_options(peft_model)
+    saved = get_peft_model_state_dict(peft_model, state_dict=peft_state, adapter_name=adapter, **options)
     # PEFT renames tensors (drops the adapter name) but passes most through: map those by identity. Tensors it
     # transforms (prompt embeddings, AdaLoRA's resized ranks) stay in the state file under their own keys.
     key_of = {id(value): prefix + key for key, value in peft_state.items()}
@@ -91,7 +93,9 @@ def write_checkpoint(
 
     staging = _staging_folder(target)
     try:
-        peft_model.save_pretrained(staging, state_dict=peft_state, safe_serialization=True, selected_adapters=[adapter])
+        peft_model.save_pretrained(
+            staging, state_dict=peft_state, safe_serialization=True, selected_adapters=[adapter], **options
+        )
         torch.save(state, staging / STATE_FILE)
         _write_marker(staging, checkpoint)
         _fsync_dir(staging)

@@ -16,6 +16,7 @@ from lightning_peft.data import SFTDataModule
 from lightning_peft.errors import ConfigError
 from lightning_peft.models import auto_precision
 from lightning_peft.module import PeftCausalLM
+from lightning_peft.tokens import tokenizer_source
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,15 @@ class LpeftCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The data module tokenizes with the model's own tokenizer; one setting names both.
-        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
+        # The data module tokenizes with the model's own tokenizer (an adapter_path's, which carries the chat template
+        # and added tokens it was trained with, else the base's); one setting names both.
+        parser.link_arguments(
+            ("model.init_args.model_name_or_path", "model.init_args.adapter_path"),
+            "data.init_args.tokenizer",
+            compute_fn=tokenizer_source,
+        )
+        # The model adds the template's missing tokens to its vocabulary as the data module does to its tokenizer.
+        parser.link_arguments("data.init_args.chat_template", "model.init_args.chat_template")
 
     @override
     def before_instantiate_classes(self) -> None:

@@ -83,11 +83,12 @@ def lora_modules(folder: Path) -> set[str]:
 def _tensor_problems(key: str, info: dict[str, Any], shapes: dict[str, tuple[str, int, int]]) -> list[str]:
     path = key.removeprefix(_PEFT_PREFIX)
     match = _LORA_KEYS.match(path)
-    module = match["module"] if match else path.rsplit(".", 1)[0].replace(".modules_to_save", "")
+    # modules_to_save copies and trainable-token rows (`token_adapter`) sit under the module they belong to.
+    module = match["module"] if match else re.sub(r"\.(modules_to_save|token_adapter)\b", "", path.rsplit(".", 1)[0])
     if module not in shapes:
         return [f"tensor {key} targets {module}, which the base does not have"]
     if not match:
-        return []  # modules_to_save and other extras: PEFT checks their shapes when it loads them
+        return []  # modules_to_save, trainable tokens and other extras: PEFT checks their shapes when it loads them
     kind, fan_in, fan_out = shapes[module]
     shape = list(info["shape"])
     part = match["part"]

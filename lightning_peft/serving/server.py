@@ -96,6 +96,9 @@ class AdapterServer:
         self.concatenate_mixed = True
         self._concatenated: ConcatenatedLora | None = None  # the last mixed batch's adapters, concatenated
         self._verified_fingerprints: set[str] = set()
+        # Each adapter renders chat prompts with the template saved with it (its tokenizer), the base with its own.
+        self._base_template: str | None = self.tokenizer.chat_template
+        self._templates: dict[str, str | None] = {}
 
     # ---- state -----------------------------------------------------------------------------------------------
 
@@ -134,11 +137,42 @@ class AdapterServer:
         """
         self._check_new_name(name)
         folder = self._folder_for(source)
+        tokenizer = self._adapter_tokenizer(folder, name)
         check_adapter(folder, self._shapes, name=name)
         self._check_fingerprint(folder, name, force)
         self._load_checked(name, folder)
+        self._templates[name] = tokenizer.chat_template if tokenizer is not None else self._base_template
         log.info("Loaded adapter %r from %s", name, folder)
         return folder
+
+    def _adapter_tokenizer(self, folder: Path, name: str) -> PreTrainedTokenizerBase | None:
+        """The tokenizer saved with the adapter (None when there is none), after making room for its tokens.
+
+        An adapter trained with `data.chat_template` may have added tokens: the base grows embedding rows for them
+        (`lightning_peft.tokens`) and the server adopts that tokenizer. One vocabulary serves every adapter, so that
+        adapter must be the first one loaded, and later ones must share its vocabulary.
+        """
+        from lightning_peft.models import load_tokenizer
+        from lightning_peft.tokens import grow_embeddings, tokenizer_source
+
+        if tokenizer_source(self.base_name, folder) == self.base_name:
+            return None
+        tokenizer = load_tokenizer(str(folder))
+        vocab, ours = tokenizer.get_vocab(), self.tokenizer.get_vocab()
+        if vocab == ours:
+            return tokenizer
+        extends = len(vocab) > len(ours) and all(vocab.get(token) == i for token, i in ours.items())
+        if not (extends and self._peft is None):
+            raise ConfigError(
+                f"Adapter {name!r} ({folder}) was trained with a vocabulary of {len(vocab)} tokens, but this server's "
+                f"has {len(ours)}; load the adapters that add tokens (data.chat_template) first and alone, or serve "
+                "them with another AdapterServer."
+            )
+        if grow_embeddings(self._base, len(tokenizer)):
+            self._shapes = module_shapes(self._base)
+        tokenizer.padding_side = "left"
+        self.tokenizer = tokenizer
+        return tokenizer
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME.match(name) or name in ("base", BASE):
@@ -229,6 +263,7 @@ class AdapterServer:
                 others[0], inference_mode=True
             )  # so PEFT does not warn that the active adapter is deleted
         self._peft.delete_adapter(name)
+        self._templates.pop(name, None)
         self._refresh_layers()
         if self._active == name:
             self._active = None
@@ -316,30 +351,49 @@ class AdapterServer:
         except (ValueError, TypeError) as err:
             self._discard_partial(new_name)
             raise ConfigError(f"Adapters {names} cannot be combined with {combination_type!r}: {err}") from err
+        self._templates[new_name] = self._templates.get(names[0], self._base_template)
         self._refresh_layers()
         self._set_active(self._active)
 
     # ---- running ---------------------------------------------------------------------------------------------
 
-    def encode(self, prompts: Sequence[str | list[dict[str, str]]], *, chat: bool = False) -> dict[str, torch.Tensor]:
-        """Left-padded `input_ids`/`attention_mask` on the model's device; `chat` applies the chat template."""
-        if chat and not self.tokenizer.chat_template:
-            raise ConfigError(
-                f"The tokenizer of {self.base_name!r} has no chat template; send the prompts as plain text (no --chat)."
-            )
+    def encode(
+        self,
+        prompts: Sequence[str | list[dict[str, str]]],
+        *,
+        chat: bool = False,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded `input_ids`/`attention_mask` on the model's device.
+
+        `chat` renders each prompt with the chat template of its row's adapter (the one saved with it, as in
+        `forward`'s `adapters`), or the base's for rows of the base alone.
+        """
         if chat:
+            rows = self._row_adapters(adapters, len(prompts))
             texts = [
                 self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": p}] if isinstance(p, str) else p,
+                    chat_template=self._chat_template(row),
                     add_generation_prompt=True,
                     tokenize=False,
                 )
-                for p in prompts
+                for p, row in zip(prompts, rows, strict=True)
             ]
             encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         else:
             encoded = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+    def _chat_template(self, row: str) -> str:
+        template = self._base_template if row == BASE else self._templates.get(row, self._base_template)
+        if not template:
+            which = f"of {self.base_name!r}" if row == BASE else f"of {self.base_name!r} and of adapter {row!r}"
+            raise ConfigError(
+                f"The tokenizer {which} has no chat template; send the prompts as plain text (no --chat), or "
+                "train the adapter with data.chat_template."
+            )
+        return template
 
     def forward(self, batch: dict[str, torch.Tensor], adapters: str | Sequence[str | None] | None = None) -> Any:
         """The model's output for `batch` (`input_ids`, optional `attention_mask`), each row with its adapter.
@@ -423,7 +477,7 @@ class AdapterServer:
         if streamer is not None and len(prompts) != 1:
             raise ConfigError(f"A streamer follows one prompt at a time; got {len(prompts)} prompts.")
         rows = self._row_adapters(adapters, len(prompts))
-        encoded = self.encode(prompts, chat=chat)
+        encoded = self.encode(prompts, chat=chat, adapters=rows)
         pad = self.tokenizer.pad_token_id
         settings = dict(
             max_new_tokens=max_new_tokens,

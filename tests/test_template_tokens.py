@@ -1,0 +1,140 @@
+"""Template tokens the base lacks: new embedding rows trained alone, the base unchanged, plain PEFT loading.
+
+The base is the tiny Llama with a base model's tokenizer (no chat template, no `<|im_start|>`/`<|im_end|>`);
+`chat_template: chatml` adds those two tokens as ids 259 and 260.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import quiet_trainer
+from safetensors import safe_open
+from tiny import save_tiny_model
+
+from lightning_peft import PeftCausalLM
+from lightning_peft.data import SFTDataModule
+from lightning_peft.data.chat_templates import BUILTIN
+from lightning_peft.errors import ConfigError
+from lightning_peft.tokens import with_trainable_tokens
+
+NEW_IDS = [259, 260]  # after the byte tokenizer's 3 special tokens and 256 bytes
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def base_dir(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base-llama")
+    return save_tiny_model(folder, chat=False, tie_word_embeddings=request.param)
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {c}"}, {"role": "assistant", "content": c * 3}]}
+        for c in "abcdefgh"
+    ]
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def base_weights(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return model, model.get_input_embeddings().weight.detach().clone(), model.lm_head.weight.detach().clone()
+
+
+def train(base_dir, chat_file, tmp_path, **module_kwargs):
+    module = PeftCausalLM(
+        str(base_dir), adapter={"r": 4}, learning_rate=0.05, chat_template="chatml", adapter_dir=str(tmp_path / "ad"),
+        **module_kwargs,
+    )  # fmt: skip
+    data = SFTDataModule(chat_file, tokenizer=str(base_dir), chat_template="chatml", batch_size=4)
+    quiet_trainer(tmp_path, max_steps=4).fit(module, datamodule=data)
+    return module
+
+
+def test_only_the_new_rows_train_and_plain_peft_loads_the_adapter(base_dir, chat_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    _, embed_before, head_before = base_weights(base_dir)
+    module = train(base_dir, chat_file, tmp_path)
+    model = module.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+    deltas = [n for n in trainable if "trainable_tokens_delta" in n]
+    tied = model.get_base_model().config.tie_word_embeddings
+    assert len(deltas) == (1 if tied else 2)  # an untied lm_head gets rows of its own
+    # The base's rows are untouched; the new rows moved from where resizing put them.
+    embeddings = model.get_input_embeddings()
+    assert embeddings.original_module.weight.shape[0] == 261
+    assert torch.equal(embeddings.original_module.weight[:259], embed_before)
+    head = model.get_output_embeddings()
+    assert torch.equal(getattr(head, "original_module", head).weight[:259], head_before)
+    delta = embeddings.token_adapter.trainable_tokens_delta["default"]
+    assert not torch.equal(delta, embeddings.original_module.weight[NEW_IDS])
+
+    folder = tmp_path / "ad"
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert all("lora_" in k or "token_adapter.trainable_tokens_delta" in k for k in keys)  # never the whole matrix
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert len(tokenizer) == 261 and tokenizer.chat_template == BUILTIN["chatml"].source
+
+    # Plain PEFT: the base, grown to the saved tokenizer's size, then the adapter.
+    plain_base, _, _ = base_weights(base_dir)
+    plain_base.resize_token_embeddings(len(tokenizer))
+    plain = PeftModel.from_pretrained(plain_base, str(folder)).eval()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "say a"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert ids[0, 0].item() == 259
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    # Same weights, same fp32 operations in the same order: equal up to rounding of a few ulps.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_path_brings_its_tokenizer_and_template(base_dir, chat_file, tmp_path):
+    train(base_dir, chat_file, tmp_path)
+    again = PeftCausalLM(str(base_dir), adapter_path=str(tmp_path / "ad"))
+    again.configure_model()
+    assert again.tokenizer.chat_template == BUILTIN["chatml"].source
+    assert again.model.get_input_embeddings().original_module.weight.shape[0] == 261
+    text = again.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text.startswith("<|im_start|>user\nhi<|im_end|>")
+    assert isinstance(again.generate("say a", max_new_tokens=3), str)
+    # A template that would add more tokens to a saved adapter is refused.
+    other = PeftCausalLM(str(base_dir), adapter_path=str(tmp_path / "ad"), chat_template="llama3")
+    with pytest.raises(ConfigError, match=r"`data.chat_template`='llama3' adds tokens .* lacks"):
+        other.configure_model()
+
+
+def test_methods_without_trainable_tokens_are_refused(base_dir):
+    module = PeftCausalLM(str(base_dir), adapter={"class_path": "peft.IA3Config"}, chat_template="chatml")
+    with pytest.raises(ConfigError, match=r"adds 2 tokens .* only a LoRA adapter can train .* IA3Config"):
+        module.configure_model()
+
+
+def test_bad_template_fails_at_construction(base_dir):
+    with pytest.raises(ConfigError, match=r"`data.chat_template`='nope' is not a built-in template"):
+        PeftCausalLM(str(base_dir), chat_template="nope")
+
+
+def test_trainable_indices_given_by_the_user_are_kept(base_dir):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = with_trainable_tokens(LoraConfig(trainable_token_indices=[5, 259]), model, NEW_IDS)
+    indices = config.trainable_token_indices
+    if model.config.tie_word_embeddings:
+        assert indices == [5, 259, 260]
+    else:
+        assert indices == {"model.embed_tokens": [5, 259, 260], "lm_head": NEW_IDS}
