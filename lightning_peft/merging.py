@@ -336,6 +336,10 @@ class _MergeJob:
             trust_remote_code=self.trust_remote_code,
         )
         model.eval()
+        from lightning_peft.tokens import grow_embeddings
+
+        # An adapter trained with tokens a chat template added holds their rows; the base needs them first.
+        grow_embeddings(model, len(self.tokenizer()))
         if not self.probes:
             self.probes = _probe_inputs(self.tokenizer(), model.get_input_embeddings().weight.shape[0])
         return model

@@ -138,3 +138,58 @@ def test_trainable_indices_given_by_the_user_are_kept(base_dir):
         assert indices == [5, 259, 260]
     else:
         assert indices == {"model.embed_tokens": [5, 259, 260], "lm_head": NEW_IDS}
+
+
+def test_merge_grows_the_base_and_keeps_the_tokens(base_dir, chat_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_peft.merging import merge_adapter
+
+    module = train(base_dir, chat_file, tmp_path)
+    report = merge_adapter(tmp_path / "ad", tmp_path / "merged", base=str(base_dir))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert len(tokenizer) == 261 and tokenizer.chat_template == BUILTIN["chatml"].source
+    assert merged.get_input_embeddings().weight.shape[0] == 261
+    ids = torch.tensor([[259, 70, 71, 260, 72]])
+    module.model.eval()
+    with torch.no_grad():
+        expected, got = module.model(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert report.passed and report.max_abs_logit_diff <= report.tolerance
+    # Merged == unmerged in fp32 within the merge's own tolerance (1e-4), on a text with both new tokens: their
+    # trained rows are merged into the grown matrices, not dropped.
+    torch.testing.assert_close(got, expected, rtol=0, atol=report.tolerance)
+
+
+def test_server_adopts_the_adapters_vocabulary_and_template(base_dir, chat_file, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_peft.adapters import save_adapter
+    from lightning_peft.serving import AdapterServer
+
+    module = train(base_dir, chat_file, tmp_path)
+    plain = tmp_path / "plain"  # an adapter trained without a template: the base's tokenizer
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=2))
+    save_adapter(peft_model, plain, AutoTokenizer.from_pretrained(base_dir))
+
+    server = AdapterServer(str(base_dir))
+    server.load("plain", plain)
+    with pytest.raises(ConfigError, match=r"Adapter 'chat' .* vocabulary of 261 tokens that this server's \(259"):
+        server.load("chat", tmp_path / "ad")
+
+    server = AdapterServer(str(base_dir))
+    server.load("chat", tmp_path / "ad")
+    server.load("again", tmp_path / "ad")  # adapters with the same added tokens share the server
+    with pytest.raises(ConfigError, match=r"Adapter 'plain' .* trains no token rows, unlike the adapters loaded"):
+        server.load("plain", plain)  # PEFT cannot mix adapters with and without trainable tokens
+    assert len(server.tokenizer) == 261 and server.tokenizer.chat_template is None  # the base's own
+    batch = server.encode(["Hi"], chat=True, adapters="chat")
+    assert server.tokenizer.decode(batch["input_ids"][0]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ConfigError, match="has no chat template; send the prompts as plain text"):
+        server.encode(["Hi"], chat=True, adapters="base")
+    # The same greedy answer as the trained module gives with its in-memory adapter, alone or in a mixed batch.
+    module.model.eval()
+    expected = module.generate("say a", 4)
+    assert server.generate(["say a"], "chat", chat=True, max_new_tokens=4) == [expected]
+    assert server.generate(["say a", "say a"], ["again", "chat"], chat=True, max_new_tokens=4) == [expected] * 2

@@ -22,6 +22,7 @@ from lightning_peft.errors import ConfigError
 from lightning_peft.serving.batched import ConcatenatedLora, batchable
 from lightning_peft.serving.checks import check_adapter, check_combinable, lora_modules, module_shapes
 from lightning_peft.serving.references import fetch_reference
+from lightning_peft.serving.templates import adapter_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -96,8 +97,7 @@ class AdapterServer:
         self.concatenate_mixed = True
         self._concatenated: ConcatenatedLora | None = None  # the last mixed batch's adapters, concatenated
         self._verified_fingerprints: set[str] = set()
-        # Each adapter renders chat prompts with the template saved with it (its tokenizer), the base with its own.
-        self._base_template: str | None = self.tokenizer.chat_template
+        # Each adapter renders chat prompts with the template saved with it; `tokenizer.chat_template` is the base's.
         self._templates: dict[str, str | None] = {}
 
     # ---- state -----------------------------------------------------------------------------------------------
@@ -137,42 +137,38 @@ class AdapterServer:
         """
         self._check_new_name(name)
         folder = self._folder_for(source)
-        tokenizer = self._adapter_tokenizer(folder, name)
-        check_adapter(folder, self._shapes, name=name)
+        template = self._adapter_template(folder, name)
+        self._check_token_rows(check_adapter(folder, self._shapes, name=name), name, folder)
         self._check_fingerprint(folder, name, force)
         self._load_checked(name, folder)
-        self._templates[name] = tokenizer.chat_template if tokenizer is not None else self._base_template
+        self._templates[name] = template
         log.info("Loaded adapter %r from %s", name, folder)
         return folder
 
-    def _adapter_tokenizer(self, folder: Path, name: str) -> PreTrainedTokenizerBase | None:
-        """The tokenizer saved with the adapter (None when there is none), after making room for its tokens.
+    def _adapter_template(self, folder: Path, name: str) -> str | None:
+        """The chat template saved with the adapter (None: the base's applies), after growing the base's
+        embeddings for tokens the adapter's tokenizer added (see `templates.adapter_tokenizer`)."""
+        from lightning_peft.tokens import grow_embeddings
 
-        An adapter trained with `data.chat_template` may have added tokens: the base grows embedding rows for them
-        (`lightning_peft.tokens`) and the server adopts that tokenizer. One vocabulary serves every adapter, so that
-        adapter must be the first one loaded, and later ones must share its vocabulary.
-        """
-        from lightning_peft.models import load_tokenizer
-        from lightning_peft.tokens import grow_embeddings, tokenizer_source
+        template, adopt = adapter_tokenizer(folder, name, self.base_name, self.tokenizer, can_grow=self._peft is None)
+        if adopt is not None:
+            if grow_embeddings(self._base, len(adopt)):
+                self._shapes = module_shapes(self._base)
+            self.tokenizer = adopt
+        return template
 
-        if tokenizer_source(self.base_name, folder) == self.base_name:
-            return None
-        tokenizer = load_tokenizer(str(folder))
-        vocab, ours = tokenizer.get_vocab(), self.tokenizer.get_vocab()
-        if vocab == ours:
-            return tokenizer
-        extends = len(vocab) > len(ours) and all(vocab.get(token) == i for token, i in ours.items())
-        if not (extends and self._peft is None):
+    def _check_token_rows(self, config: Any, name: str, folder: Path) -> None:
+        """PEFT (0.21) cannot load an adapter without trainable tokens beside one with them, or the reverse."""
+        if not self.names:
+            return
+        has_rows = bool(getattr(config, "trainable_token_indices", None))
+        loaded = {bool(getattr(c, "trainable_token_indices", None)) for c in self._peft.peft_config.values()}
+        if loaded != {has_rows}:
+            which = "trains token rows (data.chat_template)" if has_rows else "trains no token rows"
             raise ConfigError(
-                f"Adapter {name!r} ({folder}) was trained with a vocabulary of {len(vocab)} tokens, but this server's "
-                f"has {len(ours)}; load the adapters that add tokens (data.chat_template) first and alone, or serve "
-                "them with another AdapterServer."
+                f"Adapter {name!r} ({folder}) {which}, unlike the adapters loaded ({', '.join(self.names)}); PEFT "
+                "cannot hold both kinds in one model, so serve them with separate AdapterServers."
             )
-        if grow_embeddings(self._base, len(tokenizer)):
-            self._shapes = module_shapes(self._base)
-        tokenizer.padding_side = "left"
-        self.tokenizer = tokenizer
-        return tokenizer
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME.match(name) or name in ("base", BASE):
@@ -351,7 +347,7 @@ class AdapterServer:
         except (ValueError, TypeError) as err:
             self._discard_partial(new_name)
             raise ConfigError(f"Adapters {names} cannot be combined with {combination_type!r}: {err}") from err
-        self._templates[new_name] = self._templates.get(names[0], self._base_template)
+        self._templates[new_name] = self._templates.get(names[0])
         self._refresh_layers()
         self._set_active(self._active)
 
@@ -386,12 +382,11 @@ class AdapterServer:
         return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
 
     def _chat_template(self, row: str) -> str:
-        template = self._base_template if row == BASE else self._templates.get(row, self._base_template)
+        template = (None if row == BASE else self._templates.get(row)) or self.tokenizer.chat_template
         if not template:
-            which = f"of {self.base_name!r}" if row == BASE else f"of {self.base_name!r} and of adapter {row!r}"
             raise ConfigError(
-                f"The tokenizer {which} has no chat template; send the prompts as plain text (no --chat), or "
-                "train the adapter with data.chat_template."
+                f"The tokenizer of {self.base_name!r} has no chat template; send the prompts as plain text "
+                "(no --chat), or use an adapter trained with data.chat_template."
             )
         return template
 
