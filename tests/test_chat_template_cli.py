@@ -31,17 +31,19 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(base folder, adapter folder, the fit's stderr) of one `lpeft fit` with chatml on a template-less base."""
-    root = tmp_path_factory.mktemp("chatml-fit")
-    base = save_tiny_model(root / "base", chat=False)
+def base(tmp_path_factory):
+    """The tiny Llama with a base model's tokenizer: no chat template, no ChatML tokens."""
+    return save_tiny_model(tmp_path_factory.mktemp("base"), chat=False)
+
+
+def write_fit_config(root, base, **data):
     rows = [
         {"messages": [{"role": "user", "content": f"say {c}"}, {"role": "assistant", "content": c * 4}]}
         for c in "abcdefgh"
     ]
     config = {
         "model": {"model_name_or_path": str(base), "adapter": {"r": 4}, "learning_rate": 0.05},
-        "data": {"train_file": write_jsonl(root / "train.jsonl", rows), "chat_template": "chatml", "batch_size": 4},
+        "data": {"train_file": write_jsonl(root / "train.jsonl", rows), "batch_size": 4, **data},
         "trainer": {
             "max_steps": 4,
             "default_root_dir": str(root / "runs"),
@@ -51,9 +53,43 @@ def run(tmp_path_factory):
         },
     }
     (root / "run.yaml").write_text(json.dumps(config))  # JSON is YAML
-    result = lpeft("fit", "--config", root / "run.yaml")
+    return root / "run.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(base, tmp_path_factory):
+    """(base folder, adapter folder, the fit's stderr) of one `lpeft fit` with chatml on a template-less base."""
+    root = tmp_path_factory.mktemp("chatml-fit")
+    result = lpeft("fit", "--config", write_fit_config(root, base, chat_template="chatml"))
     assert result.returncode == 0, result.stderr
     return base, root / "runs" / "adapter", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("chat_template", "message"),
+    [
+        ({}, "renders conversations with a chat template, but the tokenizer"),
+        ({"chat_template": "chatlm"}, "`data.chat_template`='chatlm' is not a built-in template (chatml, gemma"),
+        ({"chat_template": "my.jinja"}, "`data.chat_template`='my.jinja': the file does not exist; give the path"),
+    ],
+)
+def test_fit_errors_are_one_line_before_training(base, tmp_path, chat_template, message):
+    result = lpeft("fit", "--config", write_fit_config(tmp_path, base, **chat_template))
+    assert result.returncode == 2, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("lpeft: error:")]
+    assert message in line and "data.chat_template" in line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "adapter").exists()
+
+
+def test_fit_help_documents_the_setting(capsys):
+    from lightning_peft.cli.lightning import run_lightning_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning_cli(["fit", "--data.help", "SFTDataModule"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data.chat_template" in text and "a built-in name (chatml, gemma, llama3, mistral, phi3, qwen2)" in text
 
 
 def plain_peft(base, adapter):
