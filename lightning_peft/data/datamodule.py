@@ -73,7 +73,8 @@ class SFTDataModule(LightningDataModule):
             llama3, mistral, phi3, qwen2), a Jinja string, or the path of a .jinja file. Special tokens it writes
             that the vocabulary lacks (`<|im_start|>` for chatml on a base Llama) are added to the tokenizer; the
             `lpeft` CLI hands the setting to the model, which trains only those new embedding rows (PEFT's
-            trainable tokens) and saves the tokenizer, template included, with the adapter.
+            trainable tokens) and saves the tokenizer, template included, with the adapter. A tokenizer object
+            given is changed in place.
         cache: keep tokenized data on disk (`$LPEFT_DATA_CACHE`) and reuse it when nothing changed.
         test_file: the data `lpeft test` (`Trainer.test`) measures, in any of the file forms and formats above.
         predict_file: prompts to complete with `lpeft predict` (`Trainer.predict`), in any of the file forms,
@@ -133,6 +134,7 @@ class SFTDataModule(LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed, self.cache = num_workers, seed, cache
         self.chat_template = chat_template
+        self._templated: Any = None  # the tokenizer `chat_template` was applied to
         self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else None
         self._tokenizer: Any = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
         self.stats: dict[str, dict[str, Any]] = {}
@@ -397,8 +399,10 @@ class SFTDataModule(LightningDataModule):
                 "`tokenizer`=None: the data module needs a tokenizer; set data.tokenizer to the model's name or "
                 "path, or pass a tokenizer object (SFTDataModule(..., tokenizer=tok) or set_tokenizer(tok))."
             )
-        # Idempotent: a tokenizer that already has the template and its tokens (the model's) stays as it is.
-        apply_chat_template(tokenizer, self.chat_template)
+        if self.chat_template is not None and self._templated is not tokenizer:
+            # Idempotent: a tokenizer that already has the template and its tokens (the model's) stays as it is.
+            apply_chat_template(tokenizer, self.chat_template)
+            self._templated = tokenizer
         return tokenizer
 
     def _require_setup(self, dataset: Dataset | None) -> Dataset:
