@@ -8,27 +8,16 @@ turn's content followed by its template's end-of-turn token, and nothing else.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from test_data_formats import supervised_runs
+from test_data_formats import CHAT, supervised_runs, tokenize
 
 from lightning_peft.data import SFTDataModule, chat_templates
 from lightning_peft.data.cache import cache_key
 from lightning_peft.data.chat_templates import BUILTIN, apply_chat_template
-from lightning_peft.data.formats import render_records
-from lightning_peft.data.readers import Records
-from lightning_peft.data.tokenization import tokenize_rendered
 from lightning_peft.errors import ConfigError
 from lightning_peft.testing import byte_tokenizer
 
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "content": "4"},
-]
 # Gemma writes the system turn into the first user turn; Mistral (v0.1/v0.2) has no system turn at all.
 NO_SYSTEM = {"mistral"}
 END_OF_TURN = {
@@ -48,12 +37,6 @@ CUSTOM = (
 def base_tokenizer():
     """A fresh base-model tokenizer (each test changes its own: templates add tokens)."""
     return byte_tokenizer(chat=False)
-
-
-def tokenize(rows, tokenizer, train_on_prompt=False):
-    records = Records(Path("train.jsonl"), rows, "line", list(range(1, len(rows) + 1)))
-    used, rendered = render_records(records, "messages", {}, tokenizer, train_on_prompt)
-    return tokenize_rendered(rendered, tokenizer, 512, True, used, records.where)
 
 
 def test_every_required_builtin_is_there():
