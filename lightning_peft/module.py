@@ -292,6 +292,10 @@ class PeftCausalLM(L.LightningModule):
             the batch holds the row's answer.
         """
         settings = {"max_new_tokens": 128, "do_sample": False, **getattr(self, "generation_kwargs", {})}
+        if self.tokenizer.chat_template:
+            # Chat replies end on the template's end-of-turn token, which may not be EOS (chatml on a base model).
+            stops = chat_templates.stop_token_ids(self.tokenizer, generation_config=self.model.generation_config)
+            settings.setdefault("eos_token_id", stops)
         if not settings["do_sample"]:
             # Sampling settings under greedy decoding only make transformers warn.
             settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_p", "top_k")}
@@ -477,6 +481,9 @@ class PeftCausalLM(L.LightningModule):
         self.model.eval()
         try:
             kwargs.setdefault("do_sample", False)
+            if isinstance(prompt, list):
+                stops = chat_templates.stop_token_ids(self.tokenizer, generation_config=self.model.generation_config)
+                kwargs.setdefault("eos_token_id", stops)
             output = self.model.generate(
                 **encoded, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs
             )

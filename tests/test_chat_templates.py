@@ -14,7 +14,7 @@ from test_data_formats import CHAT, supervised_runs, tokenize
 
 from lightning_peft.data import SFTDataModule, chat_templates
 from lightning_peft.data.cache import cache_key
-from lightning_peft.data.chat_templates import BUILTIN, apply_chat_template
+from lightning_peft.data.chat_templates import BUILTIN, apply_chat_template, stop_token_ids
 from lightning_peft.errors import ConfigError
 from lightning_peft.testing import byte_tokenizer
 
@@ -140,3 +140,20 @@ def test_help_documents_the_setting():
     parser.add_class_arguments(SFTDataModule, "data")
     assert "--data.chat_template" in parser.format_help()
     assert "a built-in name (chatml, gemma, llama3, mistral, phi3, qwen2)" in " ".join(parser.format_help().split())
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_stop_tokens_are_eos_and_the_end_of_turn(name):
+    from transformers import GenerationConfig
+
+    tokenizer = base_tokenizer()
+    apply_chat_template(tokenizer, name)
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN[name])
+    assert stop_token_ids(tokenizer) == sorted({tokenizer.eos_token_id, end})
+    # The model's own EOS ids (Llama 3's generation config lists several) are kept.
+    config = GenerationConfig(eos_token_id=[0, tokenizer.eos_token_id])
+    assert stop_token_ids(tokenizer, generation_config=config) == sorted({0, tokenizer.eos_token_id, end})
+
+
+def test_stop_tokens_without_a_template_are_eos():
+    assert stop_token_ids(base_tokenizer()) == [2]

@@ -194,3 +194,44 @@ def test_server_adopts_the_adapters_vocabulary_and_template(base_dir, chat_file,
     expected = module.generate("say a", 4)
     assert server.generate(["say a"], "chat", chat=True, max_new_tokens=4) == [expected]
     assert server.generate(["say a", "say a"], ["again", "chat"], chat=True, max_new_tokens=4) == [expected] * 2
+
+
+class EndTurnAt:
+    """A logits processor that writes `fill` up to the `at`-th new token, `token` there, and anything but
+    `token` or EOS after it: where generation stops depends only on the stop tokens it was given."""
+
+    def __init__(self, token: int, at: int, fill: int = 100, eos: int = 2):
+        self.token, self.at, self.fill, self.eos, self.start = token, at, fill, eos, None
+
+    def __call__(self, input_ids, scores):
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        step = input_ids.shape[1] - self.start
+        if step <= self.at:
+            forced = self.token if step == self.at else self.fill
+            scores[:] = float("-inf")
+            scores[:, forced] = 0.0
+        else:
+            scores[:, [self.token, self.eos]] = float("-inf")
+        return scores
+
+
+def test_chat_replies_stop_at_the_templates_end_of_turn(base_dir, chat_file, tmp_path):
+    from transformers import LogitsProcessorList
+
+    from lightning_peft.serving import AdapterServer
+
+    module = train(base_dir, chat_file, tmp_path)
+    server = AdapterServer(str(base_dir))
+    server.load("chat", tmp_path / "ad")
+
+    def forced():
+        return LogitsProcessorList([EndTurnAt(260, 2)])  # <|im_end|> as the third new token
+
+    # The base's EOS is </s> (2): without the template's end-of-turn token, plain prompts run to max_new_tokens.
+    chat = server.generate_ids(["say a"], "chat", chat=True, max_new_tokens=8, logits_processor=forced())
+    plain = server.generate_ids(["say a"], "chat", max_new_tokens=8, logits_processor=forced())
+    assert chat.shape[1] == 3 and chat[0, 2].item() == 260
+    assert plain.shape[1] == 8 and plain[0, 2].item() == 260
+    module.model.eval()
+    answer = module.generate("say a", max_new_tokens=8, logits_processor=forced())
+    assert answer == server.tokenizer.decode(chat[0], skip_special_tokens=True)

@@ -14,6 +14,7 @@ prefix-stable: rendering the first turns of a conversation gives the start of th
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,39 @@ def apply_chat_template(tokenizer: Any, value: str | None) -> list[str]:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     tokenizer.chat_template = template.source
     return missing
+
+
+def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's special tokens (its named ones and special added ones), longest first."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return tuple(sorted((s for s in specials if s), key=len, reverse=True))
+
+
+def stop_token_ids(
+    tokenizer: Any, templates: Iterable[str | None] = (None,), generation_config: Any = None
+) -> list[int]:
+    """The ids a chat reply stops at: the model's EOS ids (its generation config's, else the tokenizer's) and the
+    token that closes an assistant turn in each template (None: the tokenizer's own), e.g. `<|im_end|>` for chatml
+    on a base Llama whose EOS is `</s>`."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = {tokenizer.eos_token_id, *configured, *(_end_of_turn(tokenizer, template) for template in templates)}
+    return sorted(i for i in ids if i is not None)
+
+
+def _end_of_turn(tokenizer: Any, template: str | None) -> int | None:
+    # Found by rendering a probe conversation: the special token right after the reply, as `ChatRenderer` ends
+    # the supervised span of a turn on it.
+    reply = "lpeft-probe-reply"
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}]
+    try:
+        text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except Exception:  # no template, or one that refuses the probe: EOS alone
+        return None
+    rest = text[text.find(reply) + len(reply) :].lstrip() if reply in text else ""
+    token = next((t for t in special_tokens(tokenizer) if rest.startswith(t)), None)
+    return None if token is None else int(tokenizer.convert_tokens_to_ids(token))
 
 
 def added_token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:

@@ -310,9 +310,7 @@ class ChatRenderer:
                 ".jinja file, or use data.format 'text', 'prompt_completion' (strings) or 'alpaca'."
             )
         self.tokenizer = tokenizer
-        specials = set(getattr(tokenizer, "all_special_tokens", []))
-        specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
-        self.end_tokens = tuple(sorted((s for s in specials if s), key=len, reverse=True))
+        self.end_tokens = chat_templates.special_tokens(tokenizer)
 
     def render(self, messages: list[dict[str, Any]], first: int, supervise_all: bool) -> Rendered:
         """Render `messages`; assistant turns from index `first` on are supervised (all text if `supervise_all`)."""

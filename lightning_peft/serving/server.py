@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_peft.data.chat_templates import stop_token_ids
 from lightning_peft.errors import ConfigError
 from lightning_peft.serving.batched import ConcatenatedLora, batchable
 from lightning_peft.serving.checks import check_adapter, check_combinable, lora_modules, module_shapes
@@ -474,6 +475,10 @@ class AdapterServer:
         rows = self._row_adapters(adapters, len(prompts))
         encoded = self.encode(prompts, chat=chat, adapters=rows)
         pad = self.tokenizer.pad_token_id
+        if chat and "eos_token_id" not in kwargs:
+            # Chat replies end on their template's end-of-turn token, which may not be EOS (chatml on a base).
+            templates = {self._chat_template(row) for row in rows}
+            kwargs["eos_token_id"] = stop_token_ids(self.tokenizer, templates, self._base.generation_config)
         settings = dict(
             max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.eos_token_id if pad is None else pad,
