@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: files → records → text with loss spans → tokens and labels → batches.
 
 Modules, in the order data flows through them: `readers` (files → records), `formats` (records → text and the
-supervised character spans), `tokenization` (→ input_ids and labels, truncation), `cache` (tokenized files kept
+supervised character spans; `chat_templates` gives the tokenizer the template `chat_template` names), `tokenization` (→ input_ids and labels, truncation), `cache` (tokenized files kept
 between runs), `packing` (datasets, with whole examples packed into rows), `collate` (padding and the
 length-grouped sampler, left-padded prompt batches) and `datamodule` (the `SFTDataModule` that ties them together).
 Prompts for `predict` take the same path without labels or cache: `formats.render_prompts` →
