@@ -193,7 +193,9 @@ class FakeHub:
             for depth in range(1, len(parts)):  # the folders between `folder` and the file
                 if recursive or depth == 1:
                     name = "/".join(filter(None, [folder, *parts[:depth]]))
-                    entries.setdefault(name, {"type": "directory", "oid": _oid(revision, name), "size": 0, "path": name})
+                    entries.setdefault(
+                        name, {"type": "directory", "oid": _oid(revision, name), "size": 0, "path": name}
+                    )
             if recursive or len(parts) == 1:
                 entries[path] = {"type": "file", "oid": _blob_oid(data), "size": len(data), "path": path}
         return list(entries.values())
@@ -288,7 +290,9 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, {"id": repo_id, "sha": commit.oid, "private": repo.private, "siblings": siblings}, {}
         raise HubError(404, f"No route for GET datasets {action}")
 
-    def _resolve(self, repo_id: str, revision: str, path: str, dataset: bool = False) -> tuple[int, Any, dict[str, str]]:
+    def _resolve(
+        self, repo_id: str, revision: str, path: str, dataset: bool = False
+    ) -> tuple[int, Any, dict[str, str]]:
         commit = self.state.resolve(self._repo(repo_id, dataset), revision)
         if path not in commit.files:
             raise HubError(404, f"{path} does not exist at {revision}", "EntryNotFound")
