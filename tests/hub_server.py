@@ -1,5 +1,6 @@
 """A small in-memory Hugging Face Hub for tests: the endpoints the real `huggingface_hub` client calls to
-create a repo, commit files, tag, list refs and trees, and download files — over real HTTP on 127.0.0.1.
+create a repo, commit files, tag, list refs and trees, and download files, and those `datasets` calls to load a
+dataset repo — over real HTTP on 127.0.0.1.
 
 Endpoints (as huggingface_hub 1.x/2.x calls them, see `hf_api.py`, `_commit_api.py`, `file_download.py`):
     POST /api/repos/create                              create_repo (409 when it exists)
@@ -11,6 +12,10 @@ Endpoints (as huggingface_hub 1.x/2.x calls them, see `hf_api.py`, `_commit_api.
     GET  /api/models/{repo}/tree/{rev}[/{path}]         list_repo_tree / list_repo_files
     GET  /api/models/{repo}/revision/{rev}              model_info / repo_info
     HEAD, GET /{repo}/resolve/{rev}/{path}              file metadata (ETag, X-Repo-Commit, size) and download
+Dataset repos (`add_dataset`), as `datasets.load_dataset` reads them (through huggingface_hub's HfFileSystem):
+    GET  /api/datasets/{repo}/revision/{rev}            dataset_info: the commit sha a branch or tag resolves to
+    GET  /api/datasets/{repo}/tree/{rev}[/{path}]       folder listings ("directory" entries; ?recursive=true)
+    HEAD, GET /datasets/{repo}/resolve/{rev}/{path}     the card (README.md, its `configs:` declare the subsets), files
 Writes need `Authorization: Bearer <token>`; every request is recorded for assertions.
 
 `make_adapter` and `write_run_files` build what the hub tests publish: a PEFT adapter on the tiny test model

@@ -99,15 +99,15 @@ def hub_error_message(source: DataSource, err: Exception) -> str:
     """One line for a failed `load_dataset`: the setting, the id, what went wrong and how to fix it."""
     reason = _first_line(err)
     where = f"`{source.setting}`={source.path!r}"
+    if _kind(err) == "split":
+        return f"{where}: {reason}; set `split` to one of them, e.g. {{path: {source.path}, split: ...}}."
+    if _kind(err) == "subset":
+        return f"{where}: {reason}; set `name` to one of the data set's subsets."
     if _offline():
         return (
             f"{where}: HF_HUB_OFFLINE=1 and the `datasets` cache cannot provide the Hub data set {source.label} "
             f"({reason}); load it once online with the same name, split and revision, or unset HF_HUB_OFFLINE."
         )
-    if _kind(err) == "split":
-        return f"{where}: {reason}; set `split` to one of them, e.g. {{path: {source.path}, split: ...}}."
-    if _kind(err) == "subset":
-        return f"{where}: {reason}; set `name` to one of the data set's subsets."
     if _kind(err) == "network":
         return (
             f"{where}: the Hub is unreachable for {source.label} ({reason}); check the network and HF_ENDPOINT, or "
