@@ -237,11 +237,11 @@ class Converter:
             self.notes.append("no `datasets`: set data.train_file to a local data file before running.")
         elif not isinstance(datasets, list):
             raise ConfigError(f"`datasets` must be a list of data sets (path, type ...), got {_show(datasets)}.")
-        else:
+        elif len(datasets) == 1:
             self._dataset(datasets[0], "datasets[0]", "train_file")
-            for i, other in enumerate(datasets[1:], 1):
-                path = other.get("path") if isinstance(other, Mapping) else other
-                self.drop(f"datasets[{i}]", path, "SFTDataModule trains on one file; merge the data sets into one")
+        else:
+            # Axolotl concatenates its data sets; train_datasets entries without weight or count do the same.
+            self.data["train_datasets"] = [self._mixture_entry(e, f"datasets[{i}]") for i, e in enumerate(datasets)]
         tests = self.take("test_datasets")
         fraction = self.take("val_set_size", 0)
         if isinstance(tests, list) and tests:
@@ -259,12 +259,9 @@ class Converter:
         self._chat_template("chat_template", self.take("chat_template"))
 
     def _dataset(self, entry: Any, where: str, setting: str) -> None:
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"`{where}` must be a mapping with `path` and `type`, got {_show(entry)}.")
-        rest = {str(k): v for k, v in entry.items()}
-        self.data[setting] = self._data_file(rest, where, setting)
-        kind = rest.pop("type", None)
-        fmt, columns = self._format(kind, rest, where)
+        """One data set as data.train_file or data.val_file: a path, or {path, name, split, revision} for the Hub."""
+        source, kind, fmt, columns = self._source(entry, where, setting)
+        self.data[setting] = source["path"] if len(source) == 1 else source
         if setting == "train_file":
             if fmt is not None:
                 self.data["format"] = fmt
@@ -272,17 +269,49 @@ class Converter:
                 self.data["columns"] = columns
         elif kind is not None and (fmt, columns) != (self.data.get("format"), self.data.get("columns", {})):
             self.drop(f"{where}.type", kind, "the validation file is read with the training data's format and columns")
+
+    def _mixture_entry(self, entry: Any, where: str) -> dict[str, Any]:
+        """One entry of data.train_datasets: the source with its own format and columns."""
+        source, _, fmt, columns = self._source(entry, where, "train_datasets")
+        return {**source, **({"format": fmt} if fmt else {}), **({"columns": columns} if columns else {})}
+
+    def _source(self, entry: Any, where: str, setting: str) -> tuple[dict[str, Any], Any, str | None, dict[str, str]]:
+        """(the source: {path} or a Hub {path, name, split, revision}; Axolotl's type; our format; columns)."""
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"`{where}` must be a mapping with `path` and `type`, got {_show(entry)}.")
+        rest = {str(k): v for k, v in entry.items()}
+        source = self._location(rest, where, setting)
+        kind = rest.pop("type", None)
+        fmt, columns = self._format(kind, rest, where)
         for key, value in rest.items():
             if not _unset(value):
                 self.drop(f"{where}.{key}", value, DATASET_REASONS.get(key, UNKNOWN))
+        return source, kind, fmt, columns
+
+    def _location(self, rest: dict[str, Any], where: str, setting: str) -> dict[str, Any]:
+        path = self._data_file(rest, where, setting)
+        hub = {key: rest.pop(key) for key in ("name", "revision", "split") if not _unset(rest.get(key))}
+        if not _is_hub_id(path):
+            split = hub.pop("split", None)
+            if split not in (None, "train"):
+                self.drop(f"{where}.split", split, "a file is read whole, a save_to_disk folder by its train split")
+            rest.update(hub)  # name and revision: dropped with their reasons
+            return {"path": path}
+        self.notes.append(
+            f"{where}.path {path!r} is not a local file, so it is loaded from the Hugging Face Hub with `datasets` "
+            "(pip install 'lightning-peft[data]'); offline (HF_HUB_OFFLINE=1) it must be in the `datasets` cache."
+        )
+        # Unless told, Axolotl reads the "train" split of `datasets` and the "test" split of `test_datasets`;
+        # data.train_file reads "train" too, but data.val_file "validation": spell that one out.
+        hub.setdefault("split", "test" if setting == "val_file" else "train")
+        if setting != "val_file" and hub["split"] == "train":
+            del hub["split"]
+        return {"path": path, **hub}
 
     def _data_file(self, rest: dict[str, Any], where: str, setting: str) -> str:
         files, path = rest.pop("data_files", None), rest.pop("path", None)
         rest.pop("ds_type", None)  # the reader goes by the file's extension
         rest.pop("trust_remote_code", None)
-        split = rest.pop("split", None)
-        if split not in (None, "train"):
-            self.drop(f"{where}.split", split, "a file is read whole, a save_to_disk folder by its train split")
         if isinstance(files, list):
             for extra in files[1:]:
                 self.drop(f"{where}.data_files", extra, "one file per data set; merge the files into one")
@@ -293,14 +322,6 @@ class Converter:
         source = str(source)
         if source.startswith(("s3://", "gs://", "gcs://", "http://", "https://")):
             self.notes.append(f"{where} is remote ({source}): download it and set data.{setting} to the local file.")
-        elif not Path(source).expanduser().exists() and Path(source).suffix.lower() not in DATA_SUFFIXES:
-            name = source.rstrip("/").rpartition("/")[2]
-            self.notes.append(
-                f"{where}.path {source!r} is not a local file, so it is taken for a Hub data set; SFTDataModule reads "
-                "local files only (JSON Lines, JSON, CSV, Parquet or a save_to_disk folder). Download it, e.g. "
-                f"`python -c \"import datasets; datasets.load_dataset('{source}').save_to_disk('data/{name}')\"`, "
-                f"and set data.{setting}: data/{name}."
-            )
         return source
 
     def _format(self, kind: Any, rest: dict[str, Any], where: str) -> tuple[str | None, dict[str, str]]:
@@ -620,6 +641,20 @@ def _format_of(kind: Any) -> str | None:
         {"alpaca": "alpaca", "chat_template": "messages", "completion": "text"}.get(kind)
         if isinstance(kind, str)
         else None
+    )
+
+
+def _is_hub_id(path: str) -> bool:
+    """ORG/NAME naming no local path and no data file: what `lightning_peft.data.sources.is_hub_id` reads as the
+    Hub (restated here because importing `lightning_peft.data` imports torch, which `lpeft convert` must not)."""
+    name = path.removeprefix("hf://datasets/").partition("@")[0]
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(part and not part.startswith(".") for part in parts)
+        and not name.startswith(("~", "/"))
+        and Path(name).suffix.lower() not in DATA_SUFFIXES
+        and not Path(path).expanduser().exists()
     )
 
 
