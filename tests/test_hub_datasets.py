@@ -175,13 +175,17 @@ import json, sys
 from lightning_peft.data import SFTDataModule
 from lightning_peft.models import load_tokenizer
 dm = SFTDataModule(**json.loads(sys.argv[1]), tokenizer=load_tokenizer(sys.argv[2]), max_length=64)
-dm.setup("fit")
-print(json.dumps({"from_cache": dm.train_dataset.data.from_cache, **dm.stats["train"]}))
+dm.setup(sys.argv[3])
+if sys.argv[3] == "predict":
+    references = [dm.predict_dataset[i]["reference"] for i in range(len(dm.predict_dataset))]
+    print(json.dumps({"references": sorted(references), **dm.stats["predict"]}))
+else:
+    print(json.dumps({"from_cache": dm.train_dataset.data.from_cache, **dm.stats["train"]}))
 """
 
 
-def setup_in_a_process(env: dict[str, str], tiny_model_dir: Path, **kwargs) -> dict:
-    code = [sys.executable, "-c", DATAMODULE, json.dumps(kwargs), str(tiny_model_dir)]
+def setup_in_a_process(env: dict[str, str], tiny_model_dir: Path, stage: str = "fit", **kwargs) -> dict:
+    code = [sys.executable, "-c", DATAMODULE, json.dumps(kwargs), str(tiny_model_dir), stage]
     result = subprocess.run(code, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -198,3 +202,8 @@ def test_a_new_commit_of_the_data_set_is_tokenized_again(hub, tmp_path, tiny_mod
     # Another split of the same commit is other data, with its own cache entry.
     other = setup_in_a_process(env, tiny_model_dir, train_file={"path": REPO, "name": "chat", "split": "test_sft"})
     assert (other["from_cache"], other["examples"]) == (False, 2)
+
+
+def test_prompts_to_predict_from_a_hub_split(hub, tmp_path, tiny_model_dir):
+    stats = setup_in_a_process(environment(hub, tmp_path), tiny_model_dir, "predict", predict_file=REPO)
+    assert stats["prompts"] == 2 and stats["references"] == ["answer 6", "answer 7"]  # the default subset's test split
