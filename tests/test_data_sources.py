@@ -260,3 +260,24 @@ def test_a_missing_local_file_in_a_mixture_names_its_entry(tmp_path, tiny_tokeni
         DataError, match=r"gone\.jsonl' does not exist; check the path given to data\.train_datasets\[1\]"
     ):
         dm.setup("fit")
+
+
+def test_a_mapping_sets_the_format_and_columns_of_its_own_file(tmp_path, tiny_tokenizer):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "Why?", "answer": "Because."}])
+    tests = write_jsonl(tmp_path / "t.jsonl", [{"body": "a test text"}])
+    dm = SFTDataModule(
+        format="alpaca",  # the run's format, which neither file is in
+        predict_file={
+            "path": prompts,
+            "format": "prompt_completion",
+            "columns": {"prompt": "question", "completion": "answer"},
+        },
+        test_file={"path": tests, "format": "text", "columns": {"text": "body"}},
+        tokenizer=tiny_tokenizer,
+        max_length=64,
+    )
+    dm.setup()
+    assert dm.predict_dataset[0]["reference"] == "Because."
+    assert tiny_tokenizer.decode(dm.predict_dataset[0]["input_ids"]).endswith("Why?")
+    assert dm.stats["test"]["examples"] == 1
+    assert tiny_tokenizer.decode(dm.test_dataset[0]["input_ids"]).startswith("a test text")

@@ -260,8 +260,8 @@ class SFTDataModule(LightningDataModule):
         path = source.label
         prompts = prepare_prompts(
             load_hub_dataset(source).records() if source.hub else str(require_exists(source.path, source.setting)),
-            fmt=self.format,
-            columns=self.columns,
+            fmt=source.format or self.format,
+            columns=self.columns if source.columns is None else source.columns,
             max_length=self.max_length,
             truncation=self.truncation,
             tokenizer=self._require_tokenizer(),

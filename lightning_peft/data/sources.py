@@ -56,7 +56,7 @@ class DataSource:
     name: str | None = None
     split: str | None = None
     revision: str | None = None
-    data_files: str | list[str] | dict[str, Any] | None = None
+    data_files: str | list[str] | dict[str, Any] | None = field(default=None, hash=False)
     format: str | None = None
     columns: dict[str, str] | None = field(default=None, hash=False)
     weight: float | None = None

@@ -29,7 +29,7 @@ class DataConversion:
     def _data(self) -> None:
         datasets = self.take("datasets")
         if datasets is None:
-            self.notes.append("no `datasets`: set data.train_file to a local data file before running.")
+            self.notes.append("no `datasets`: set data.train_file to a data file or Hub data set before running.")
         elif not isinstance(datasets, list):
             raise ConfigError(f"`datasets` must be a list of data sets (path, type ...), got {show(datasets)}.")
         elif len(datasets) == 1:
