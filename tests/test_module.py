@@ -287,7 +287,7 @@ def test_run_summary_counts_steps_and_tokens(tiny_model_dir, tmp_path):
     data = token_batches(n_batches=3, batch_size=2, length=10)
     trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[RunSummary()])
     trainer.fit(make_module(tiny_model_dir), train_dataloaders=data)
-    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "run_summary.json").read_text())
     assert summary["steps"] == 3
     assert summary["tokens"] == 3 * 2 * 10 and summary["supervised_tokens"] == 3 * 2 * 9
     assert summary["duration_s"] > 0 and "CPU" in summary["hardware"]
