@@ -53,9 +53,10 @@ def tensorboard_logger(tmp_path):
     }
 
 
-def lpeft_fit(tmp_path, tiny_model_dir, logger, *args):
-    """`lpeft fit` in a new process (as users run it), 2 steps on a tiny model, with `trainer.logger: logger`."""
-    rows = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(6)]
+def lpeft_fit(tmp_path, tiny_model_dir, logger, *args, examples=6):
+    """`lpeft fit` in a new process (as users run it), 2 steps on a tiny model, with `trainer.logger: logger`;
+    a third of the `examples` (rounded up) validates."""
+    rows = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(examples)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
@@ -179,6 +180,20 @@ def test_a_resumed_wandb_run_counts_the_whole_run_and_publishes_a_card_with_its_
     final_loss = float(f"{train_losses(resumed)[-1]['train_loss']:.6g}")  # as the card's run record rounds it
     assert f"| Final training loss | {final_loss:.4g} |" in card
     assert "`metrics.jsonl`" in card and "not recorded" not in card.split("Hyperparameters")[0]
+
+
+def test_a_resumed_ddp_run_counts_the_tokens_of_every_process_and_part(tmp_path, tiny_model_dir):
+    # 7 examples leave 4 for training: one batch of 2 per process per step, the same tokens every epoch.
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    lpeft_fit(tmp_path, tiny_model_dir, False, *ddp, examples=7)
+    lpeft_fit(tmp_path, tiny_model_dir, False, *ddp, "--trainer.max_steps", "4", "--ckpt_path", "last", examples=7)
+    first, resumed = run_folders(tmp_path)
+    assert files(first) == files(resumed) == RUN_FILES
+    before = json.loads((first / "run_summary.json").read_text())
+    summary = json.loads((resumed / "run_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["tokens"] == 2 * before["tokens"] > 0
+    history = read_history(resumed / "metrics.jsonl")
+    assert history[: len(read_history(first / "metrics.jsonl"))] == read_history(first / "metrics.jsonl")
 
 
 def make_module(tiny_model_dir) -> PeftCausalLM:
