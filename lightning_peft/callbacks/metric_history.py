@@ -52,10 +52,10 @@ class MetricHistory(L.Callback):
             return
         folder = run_dir(trainer)  # every process: the first call is a collective
         self.path = folder / self.filename
-        if self._logger is None:
-            self._logger = _HistoryLogger(self, folder)
+        self.rows = []  # one history per run; a resume restores the earlier rows after `setup`
         if self._logger not in trainer.loggers:
             # Last, so that `trainer.logger` and `trainer.log_dir` stay those of the user's loggers.
+            self._logger = _HistoryLogger(self, folder)
             trainer.loggers = [*trainer.loggers, self._logger]
 
     @override

@@ -45,6 +45,7 @@ class RunSummary(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._strategy = trainer.strategy
+        self._earlier = dict.fromkeys(self._earlier, 0)  # a resume restores them after `setup`
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
