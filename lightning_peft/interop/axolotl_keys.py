@@ -123,8 +123,8 @@ _RL = "preference/RL training is not supported: lightning-peft does supervised f
 _KERNELS = "Axolotl's fused-kernel patches have no lightning-peft equivalent"
 _EVAL_GEN = "no generations during evaluation; run `lpeft predict` on a prompts file instead"
 _LOGGER = (
-    "not set up by the conversion; add the matching Lightning logger to trainer.logger (and keep a CSVLogger: "
-    "`lpeft publish` reads metrics.csv)"
+    "not set up by the conversion; add the matching Lightning logger to trainer.logger (the model card's metrics "
+    "come from the run folder's metrics.jsonl, written whatever the loggers)"
 )
 _ADAM = "PeftCausalLM uses the optimizer's default betas and epsilon"
 _SCHEDULE = "the schedules are linear warmup then cosine/linear decay to zero, or constant; no other shape options"
