@@ -1,4 +1,4 @@
-"""Folders that appear whole or not at all: write into a hidden sibling, then `os.rename` it into place.
+"""Files and folders that appear whole or not at all: write into a hidden sibling, then rename it into place.
 
 A rename within one filesystem is atomic, so a reader (or a crash) never sees a half-written adapter, merged
 model, package, pull or registry version; a failure removes the staging folder and leaves the target as it was.
@@ -62,3 +62,29 @@ def replace_folder(source: Path, target: Path) -> None:
     os.rename(target, old)
     os.rename(source, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a whole file atomically: staged beside `path`, fsynced, renamed over it (readers see old or new)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.replace(staging, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+    return path
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single write: a crash can cut only the last line short, never one before it."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lightning_peft.bnb_cpu import correct_cpu_dequantize_4bit
 from lightning_peft.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -256,6 +257,8 @@ def load_base_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if bnb is not None:
+        if quantization == "4bit":
+            correct_cpu_dequantize_4bit()
         kwargs["quantization_config"] = bnb
         # bitsandbytes places the quantized weights itself; CPU unless a GPU is present.
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}

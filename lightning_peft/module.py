@@ -31,6 +31,7 @@ from lightning_peft.models import (
     load_tokenizer,
     packed_examples_are_isolated,
 )
+from lightning_peft.run_folder import run_dir
 from lightning_peft.tokens import grow_embeddings, tokenizer_source, with_trainable_tokens
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class PeftCausalLM(L.LightningModule):
             from `lpeft pull` is checked against the base's fingerprint first.
         allow_base_mismatch: Load an `adapter_path` package onto a base whose fingerprint differs from the one
             it was trained on (a warning instead of an error).
-        adapter_dir: Where the final adapter goes at the end of fit; default `<trainer.log_dir>/adapter`.
+        adapter_dir: Where the final adapter goes at the end of fit; default `<run folder>/adapter`, the run's own
+            folder whatever the loggers (`lightning_peft.run_folder`).
         save_adapter_on_fit_end: Write the final adapter (plain PEFT format) when fit ends.
         chat_template: The chat template (a built-in name, a Jinja string or a .jinja file); the `lpeft` CLI
             sets it from `data.chat_template`. Special tokens it writes that the vocabulary lacks are added to the
@@ -417,9 +419,7 @@ class PeftCausalLM(L.LightningModule):
     @override
     def on_fit_end(self) -> None:
         if self.hparams.save_adapter_on_fit_end:
-            self.final_adapter_dir = self.save_adapter(
-                self.hparams.adapter_dir or Path(self.trainer.log_dir) / "adapter"
-            )
+            self.final_adapter_dir = self.save_adapter(self.hparams.adapter_dir or run_dir(self.trainer) / "adapter")
 
     def save_adapter(self, directory: str | Path) -> Path:
         """Write the adapter in plain PEFT format (with the tokenizer) from global rank zero; return the folder.

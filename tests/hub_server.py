@@ -1,5 +1,6 @@
 """A small in-memory Hugging Face Hub for tests: the endpoints the real `huggingface_hub` client calls to
-create a repo, commit files, tag, list refs and trees, and download files — over real HTTP on 127.0.0.1.
+create a repo, commit files, tag, list refs and trees, and download files, and those `datasets` calls to load a
+dataset repo — over real HTTP on 127.0.0.1.
 
 Endpoints (as huggingface_hub 1.x/2.x calls them, see `hf_api.py`, `_commit_api.py`, `file_download.py`):
     POST /api/repos/create                              create_repo (409 when it exists)
@@ -11,6 +12,10 @@ Endpoints (as huggingface_hub 1.x/2.x calls them, see `hf_api.py`, `_commit_api.
     GET  /api/models/{repo}/tree/{rev}[/{path}]         list_repo_tree / list_repo_files
     GET  /api/models/{repo}/revision/{rev}              model_info / repo_info
     HEAD, GET /{repo}/resolve/{rev}/{path}              file metadata (ETag, X-Repo-Commit, size) and download
+Dataset repos (`add_dataset`), as `datasets.load_dataset` reads them (through huggingface_hub's HfFileSystem):
+    GET  /api/datasets/{repo}/revision/{rev}            dataset_info: the commit sha a branch or tag resolves to
+    GET  /api/datasets/{repo}/tree/{rev}[/{path}]       folder listings ("directory" entries; ?recursive=true)
+    HEAD, GET /datasets/{repo}/resolve/{rev}/{path}     the card (README.md, its `configs:` declare the subsets), files
 Writes need `Authorization: Bearer <token>`; every request is recorded for assertions.
 
 `make_adapter` and `write_run_files` build what the hub tests publish: a PEFT adapter on the tiny test model
@@ -26,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
@@ -62,6 +67,7 @@ class FakeHub:
     def __init__(self, token: str = "hf_fake_write_token") -> None:
         self.token = token
         self.repos: dict[str, Repo] = {}
+        self.datasets: dict[str, Repo] = {}  # dataset repos, a namespace of their own as on the Hub
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -92,6 +98,18 @@ class FakeHub:
     def user_commits(self, repo_id: str) -> list[Commit]:
         """Commits made through /commit (not the repo's initial one)."""
         return self.repos[repo_id].commits[1:]
+
+    def add_dataset(self, repo_id: str, files: dict[str, bytes], title: str = "initial commit") -> str:
+        """Create the dataset repo `repo_id` or commit `files` (all of them, replacing the last) to its main branch.
+
+        Returns the new commit's sha.
+        """
+        with self.lock:
+            repo = self.datasets.setdefault(repo_id, Repo(private=False))
+            commit = Commit(_oid("dataset", repo_id, str(len(repo.commits)), title), title, "", dict(files))
+            repo.commits.append(commit)
+            repo.branches["main"] = commit.oid
+            return commit.oid
 
     def tamper(self, repo_id: str, tag: str, path: str, data: bytes) -> None:
         """Change a file in the tagged commit in place, as a compromised server or a corrupted store would."""
@@ -167,6 +185,26 @@ class FakeHub:
             if not prefix or path == prefix or path.startswith(prefix + "/")
         ]
 
+    def listing(self, repo: Repo, revision: str, folder: str, recursive: bool) -> list[dict[str, Any]]:
+        """A folder's entries as the Hub's tree API lists them: files, and folders as "directory" entries."""
+        files = self.resolve(repo, revision).files
+        folder = folder.strip("/")
+        under = {p: d for p, d in files.items() if not folder or p.startswith(folder + "/")}
+        if folder and not under:
+            raise HubError(404, f"{folder} does not exist at {revision}", "EntryNotFound")
+        entries: dict[str, dict[str, Any]] = {}
+        for path, data in sorted(under.items()):
+            parts = path[len(folder) + 1 if folder else 0 :].split("/")
+            for depth in range(1, len(parts)):  # the folders between `folder` and the file
+                if recursive or depth == 1:
+                    name = "/".join(filter(None, [folder, *parts[:depth]]))
+                    entries.setdefault(
+                        name, {"type": "directory", "oid": _oid(revision, name), "size": 0, "path": name}
+                    )
+            if recursive or len(parts) == 1:
+                entries[path] = {"type": "file", "oid": _blob_oid(data), "size": len(data), "path": path}
+        return list(entries.values())
+
     def resolve(self, repo: Repo, revision: str) -> Commit:
         oid = repo.branches.get(revision) or repo.tags.get(revision) or revision
         try:
@@ -177,6 +215,7 @@ class FakeHub:
 
 class _Handler(BaseHTTPRequestHandler):
     state: FakeHub
+    query: dict[str, list[str]]
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
@@ -192,7 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str) -> None:
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path, self.query = url.path, parse_qs(url.query)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else b""
         with self.state.lock:
             self.state.requests.append((method, path))
@@ -212,6 +252,10 @@ class _Handler(BaseHTTPRequestHandler):
             return _validate_yaml(json.loads(body)["content"])
         if len(parts) >= 5 and parts[:2] == ["api", "models"]:
             return self._api_repo(method, f"{parts[2]}/{parts[3]}", parts[4], parts[5:], body)
+        if len(parts) >= 5 and parts[:2] == ["api", "datasets"] and method == "GET":
+            return self._api_dataset(f"{parts[2]}/{parts[3]}", parts[4], parts[5:])
+        if len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(f"{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:]), dataset=True)
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
         raise HubError(404, f"No route for {method} /{'/'.join(parts)}")
@@ -240,8 +284,21 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, {"id": repo_id, "sha": commit.oid, "private": repo.private, "siblings": siblings}, {}
         raise HubError(404, f"No route for {method} {action}")
 
-    def _resolve(self, repo_id: str, revision: str, path: str) -> tuple[int, Any, dict[str, str]]:
-        commit = self.state.resolve(self._repo(repo_id), revision)
+    def _api_dataset(self, repo_id: str, action: str, rest: list[str]) -> tuple[int, Any, dict]:
+        hub, repo = self.state, self._repo(repo_id, dataset=True)
+        if action == "tree" and rest:
+            recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
+            return 200, hub.listing(repo, rest[0], "/".join(rest[1:]), recursive), {}
+        if action == "revision" and rest:
+            commit = hub.resolve(repo, rest[0])
+            siblings = [{"rfilename": p} for p in sorted(commit.files)]
+            return 200, {"id": repo_id, "sha": commit.oid, "private": repo.private, "siblings": siblings}, {}
+        raise HubError(404, f"No route for GET datasets {action}")
+
+    def _resolve(
+        self, repo_id: str, revision: str, path: str, dataset: bool = False
+    ) -> tuple[int, Any, dict[str, str]]:
+        commit = self.state.resolve(self._repo(repo_id, dataset), revision)
         if path not in commit.files:
             raise HubError(404, f"{path} does not exist at {revision}", "EntryNotFound")
         data = commit.files[path]
@@ -252,8 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
         }
         return 200, data, headers
 
-    def _repo(self, repo_id: str) -> Repo:
-        repo = self.state.repos.get(repo_id)
+    def _repo(self, repo_id: str, dataset: bool = False) -> Repo:
+        repo = (self.state.datasets if dataset else self.state.repos).get(repo_id)
         if repo is None or (repo.private and not self._authorized()):
             raise HubError(404, "Repository not found", "RepoNotFound")
         return repo

@@ -46,6 +46,7 @@ DROPPED = {
         "fsdp_config",
     },
     "sharegpt_local_files": {"eval_sample_packing", "gradient_checkpointing_kwargs"},
+    "multi_datasets": set(),
     "unsupported_keys": {
         "lora_target_modules",
         "datasets[0].message_property_mappings",
@@ -53,7 +54,6 @@ DROPPED = {
         "datasets[0].roles_to_train",
         "datasets[0].train_on_eos",
         "datasets[0].drop_system_message",
-        "datasets[1]",
         "val_set_size",
         "chat_template",
         "optimizer",
@@ -211,9 +211,55 @@ def test_the_qlora_example_keeps_axolotls_meaning():
 def test_hub_data_sets_are_carried_and_flagged():
     conversion = convert_axolotl_file(CONFIGS / "llama3_qlora.yml")
     (note,) = [n for n in conversion.notes if n.startswith("datasets[0].path")]
-    assert "'tatsu-lab/alpaca' is not a local file" in note and "set data.train_file: data/alpaca" in note
+    assert "'tatsu-lab/alpaca' is not a local file, so it is loaded from the Hugging Face Hub" in note
+    assert "offline (HF_HUB_OFFLINE=1) it must be in the `datasets` cache" in note
     local = convert_axolotl_file(CONFIGS / "unsupported_keys.yml")  # ./data/chat.jsonl: a file name, no note
     assert not [n for n in local.notes if n.startswith("datasets[0].path")]
+
+
+def test_several_data_sets_become_train_datasets_each_with_its_format(capsys, tmp_path):
+    conversion = convert_axolotl_file(CONFIGS / "multi_datasets.yml")
+    assert conversion.config["data"]["train_datasets"] == [
+        {
+            "path": "HuggingFaceH4/ultrachat_200k",
+            "name": "default",
+            "revision": "main",
+            "split": "train_sft",
+            "format": "messages",
+        },
+        {"path": "data/alpaca.jsonl", "format": "alpaca"},
+        {"path": "acme/stories", "format": "text", "columns": {"text": "story"}},
+    ]
+    assert "train_file" not in conversion.config["data"] and "format" not in conversion.config["data"]
+    assert conversion.config["data"]["val_fraction"] == 0.05 and not conversion.dropped
+    out, _ = convert_with_cli(load("multi_datasets"), tmp_path)
+    resolved = print_config(out, capsys)["data"]["init_args"]
+    assert resolved["train_datasets"] == conversion.config["data"]["train_datasets"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "data", "reason_key"),
+    [
+        ({"path": "org/chat", "split": "train"}, {"train_file": "org/chat"}, None),  # Axolotl's default split
+        ({"path": "org/chat", "split": "dev"}, {"train_file": {"path": "org/chat", "split": "dev"}}, None),
+        (
+            {"path": "hf://datasets/org/chat", "name": "a"},
+            {"train_file": {"path": "hf://datasets/org/chat", "name": "a"}},
+            None,
+        ),
+        ({"path": "chat.jsonl", "name": "a"}, {"train_file": "chat.jsonl"}, "datasets[0].name"),
+        ({"path": "chat.jsonl", "revision": "v1"}, {"train_file": "chat.jsonl"}, "datasets[0].revision"),
+    ],
+)
+def test_hub_subsets_splits_and_revisions(entry, data, reason_key):
+    conversion = convert_axolotl(base(datasets=[entry]))
+    assert {k: conversion.config["data"].get(k) for k in data} == data
+    assert set(dropped(conversion)) == ({reason_key} if reason_key else set())
+
+
+def test_a_hub_validation_set_reads_axolotls_default_split():
+    conversion = convert_axolotl(base(datasets=[{"path": "a.jsonl"}], test_datasets=[{"path": "org/chat"}]))
+    assert conversion.config["data"]["val_file"] == {"path": "org/chat", "split": "test"}
 
 
 def test_sharegpt_chat_data_and_step_schedules(tmp_path):

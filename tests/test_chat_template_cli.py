@@ -42,7 +42,12 @@ def write_fit_config(root, base, **data):
         for c in "abcdefgh"
     ]
     config = {
-        "model": {"model_name_or_path": str(base), "adapter": {"r": 4}, "learning_rate": 0.05},
+        "model": {
+            "model_name_or_path": str(base),
+            "adapter": {"r": 4},
+            "learning_rate": 0.05,
+            "adapter_dir": str(root / "adapter"),
+        },
         "data": {"train_file": write_jsonl(root / "train.jsonl", rows), "batch_size": 4, **data},
         "trainer": {
             "max_steps": 4,
@@ -62,7 +67,7 @@ def run(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("chatml-fit")
     result = lpeft("fit", "--config", write_fit_config(root, base, chat_template="chatml"))
     assert result.returncode == 0, result.stderr
-    return base, root / "runs" / "adapter", result.stderr
+    return base, root / "adapter", result.stderr
 
 
 @pytest.mark.parametrize(
@@ -79,7 +84,7 @@ def test_fit_errors_are_one_line_before_training(base, tmp_path, chat_template, 
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("lpeft: error:")]
     assert message in line and "data.chat_template" in line
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "runs" / "adapter").exists()
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_fit_help_documents_the_setting(capsys):

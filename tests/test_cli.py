@@ -77,7 +77,8 @@ def lpeft(*args, cwd=None):
 def test_fit_runs_and_writes_the_adapter(tmp_path, tiny_model_dir):
     result = lpeft("fit", "--config", str(write_config(tmp_path, tiny_model_dir)))
     assert result.returncode == 0, result.stderr
-    adapter = tmp_path / "runs" / "adapter"
+    # Without a logger too, the run's files go into a folder of its own.
+    adapter = tmp_path / "runs" / "lightning_logs" / "version_0" / "adapter"
     assert f"Adapter saved to {adapter}" in result.stderr
     assert (adapter / "adapter_model.safetensors").is_file()
     assert "trainable params" in result.stderr
@@ -100,7 +101,7 @@ def test_errors_are_one_line_with_an_exit_code(tmp_path, tiny_model_dir, overrid
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "runs" / "adapter").exists()
+    assert not list((tmp_path / "runs").rglob("adapter"))
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
@@ -135,7 +136,9 @@ def test_adalora_takes_its_schedule_length_from_max_steps(tmp_path, tiny_model_d
     config = str(write_config(tmp_path, tiny_model_dir, adapter=adapter))
     result = lpeft("fit", "--config", config)
     assert result.returncode == 0, result.stderr
-    saved = json.loads((tmp_path / "runs" / "adapter" / "adapter_config.json").read_text())
+    saved = json.loads(
+        (tmp_path / "runs" / "lightning_logs" / "version_0" / "adapter" / "adapter_config.json").read_text()
+    )
     assert saved["peft_type"] == "ADALORA" and saved["total_step"] == 2
     result = lpeft("fit", "--config", config, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1")
     assert result.returncode == 2 and "AdaLoRA needs the number of training steps" in result.stderr
@@ -159,8 +162,13 @@ def test_fit_under_ddp_with_two_cpu_processes(tmp_path, tiny_model_dir):
     result = lpeft("fit", "--config", config, *ddp)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("Adapter saved to") == 1, "one process writes the adapter"
-    assert (tmp_path / "runs" / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((tmp_path / "runs" / "run_summary.json").read_text())["steps"] == 2
+    run_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "run_summary.json").read_text())["steps"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows), rows
+    assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows), "rank zero alone records the history"
+    assert sorted(p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir()) == ["version_0"], "one folder"
 
 
 def test_adapter_merge_under_ddp_without_a_saved_adapter(tmp_path, tiny_model_dir):
@@ -170,6 +178,7 @@ def test_adapter_merge_under_ddp_without_a_saved_adapter(tmp_path, tiny_model_di
     merge = ["--trainer.callbacks+=lightning_peft.callbacks.AdapterMerge", "--model.save_adapter_on_fit_end", "false"]
     result = lpeft("fit", "--config", config, *ddp, *merge)
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "runs" / "merged" / "merge_report.json").read_text())
+    run_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
+    report = json.loads((run_dir / "merged" / "merge_report.json").read_text())
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["config.yaml", "merged", "run_summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "merged", "metrics.jsonl", "run_summary.json"]

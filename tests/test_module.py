@@ -90,7 +90,7 @@ def test_final_adapter_is_plain_peft_with_identical_logits(tiny_model_dir, tmp_p
     module = make_module(tiny_model_dir, learning_rate=1e-2, save_adapter_on_fit_end=True)
     trainer = quiet_trainer(tmp_path, max_steps=3)
     trainer.fit(module, train_dataloaders=token_batches())
-    folder = tmp_path / "adapter"
+    folder = tmp_path / "lightning_logs" / "version_0" / "adapter"  # the run's own folder, also without a logger
     assert module.final_adapter_dir == folder
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
@@ -247,7 +247,9 @@ def test_precision_auto_is_fp32_on_cpu():
 def test_adapter_path_starts_from_a_saved_adapter(tiny_model_dir, tmp_path):
     trained = make_module(tiny_model_dir, learning_rate=1e-2, save_adapter_on_fit_end=True)
     quiet_trainer(tmp_path, max_steps=2).fit(trained, train_dataloaders=token_batches())
-    loaded = make_module(tiny_model_dir, adapter=None, adapter_path=str(tmp_path / "adapter"))
+    loaded = make_module(
+        tiny_model_dir, adapter=None, adapter_path=str(tmp_path / "lightning_logs" / "version_0" / "adapter")
+    )
     loaded.configure_model()
     assert adapter_tensors(loaded).keys() == adapter_tensors(trained).keys()
     for key, value in adapter_tensors(trained).items():
@@ -287,7 +289,7 @@ def test_run_summary_counts_steps_and_tokens(tiny_model_dir, tmp_path):
     data = token_batches(n_batches=3, batch_size=2, length=10)
     trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[RunSummary()])
     trainer.fit(make_module(tiny_model_dir), train_dataloaders=data)
-    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "run_summary.json").read_text())
     assert summary["steps"] == 3
     assert summary["tokens"] == 3 * 2 * 10 and summary["supervised_tokens"] == 3 * 2 * 9
     assert summary["duration_s"] > 0 and "CPU" in summary["hardware"]

@@ -28,6 +28,9 @@ def load_base(spec: dict[str, Any]) -> torch.nn.Module:
 
     kwargs: dict[str, Any] = {"dtype": dtype(spec), "attn_implementation": "sdpa"}
     if spec["quantization"] == "4bit":
+        from lightning_peft.bnb_cpu import correct_cpu_dequantize_4bit
+
+        correct_cpu_dequantize_4bit()  # every system computes with the same (exact) 4-bit weights
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

@@ -3,7 +3,8 @@
 from lightning_peft.callbacks.adapter_checkpoint import AdapterCheckpoint
 from lightning_peft.callbacks.adapter_merge import AdapterMerge
 from lightning_peft.callbacks.fit_report import FitReport
+from lightning_peft.callbacks.metric_history import MetricHistory
 from lightning_peft.callbacks.prediction_writer import PredictionWriter
 from lightning_peft.callbacks.run_summary import RunSummary
 
-__all__ = ["AdapterCheckpoint", "AdapterMerge", "FitReport", "PredictionWriter", "RunSummary"]
+__all__ = ["AdapterCheckpoint", "AdapterMerge", "FitReport", "MetricHistory", "PredictionWriter", "RunSummary"]

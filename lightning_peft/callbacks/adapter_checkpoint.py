@@ -55,6 +55,7 @@ from lightning_peft.callbacks.checkpoint_folder import (
     write_checkpoint,
 )
 from lightning_peft.errors import ConfigError
+from lightning_peft.run_folder import run_dir, runs_root
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ class AdapterCheckpoint(ModelCheckpoint):
     none. `lpeft fit` adds one with the defaults below unless the config has a checkpoint callback.
 
     Args:
-        dirpath: The folder of the checkpoints; default `<log_dir>/checkpoints` (the logger's version folder, or
-            `default_root_dir` without a logger). With the default, `ckpt_path="last"` searches every version
-            folder of the logger.
+        dirpath: The folder of the checkpoints; default `<run folder>/checkpoints`, the run's own folder whatever
+            the loggers (see `lightning_peft.run_folder`). With the default, `ckpt_path="last"` searches the
+            `checkpoints` of every run folder beside it (a resumed run writes into a new one).
         filename: Template of a checkpoint's folder name, e.g. `"{epoch}-{step}-{val_loss:.3f}"` (default
             `"{epoch}-{step}"`); must not start with a dot (hidden folders are staging).
         monitor: The logged metric that ranks checkpoints for `save_top_k`; None keeps the newest.
@@ -142,6 +143,9 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._dirpath_given:
+            # The run's own folder whatever the loggers (Lightning's rule would use a W&B or MLflow save_dir).
+            self.dirpath = str(run_dir(trainer) / "checkpoints")  # every process: a collective on its first call
         super().setup(trainer, pl_module, stage)
         if not isinstance(trainer.strategy.checkpoint_io, AdapterFolderIO):
             trainer.strategy.checkpoint_io = AdapterFolderIO(trainer.strategy.checkpoint_io)
@@ -224,11 +228,12 @@ class AdapterCheckpoint(ModelCheckpoint):
         return {str(newest)} if newest is not None else set()
 
     def _search_dirs(self, trainer: L.Trainer) -> list[Path]:
-        resolved = Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer))  # Lightning's own rule for dirpath
-        if self._dirpath_given or not trainer.loggers or getattr(trainer.loggers[0], "root_dir", None) is None:
-            return [resolved]
-        # A resumed run logs into a new version folder: look through the checkpoints of every version.
-        return sorted({resolved, *Path(trainer.loggers[0].root_dir).glob(f"*/{resolved.name}")})
+        if self._dirpath_given:
+            return [Path(self.dirpath)]
+        # Called before `setup`, with no run folder yet. A resumed run gets a folder of its own: look through the
+        # checkpoints of every run folder of these settings.
+        # `<default_root_dir>/checkpoints` held the checkpoints of runs without a logger before run folders.
+        return [*sorted(runs_root(trainer).glob("*/checkpoints")), Path(trainer.default_root_dir) / "checkpoints"]
 
     def _forget_incomplete(self) -> None:
         """Drop top-k entries whose folders are gone or incomplete (e.g. resuming from an older checkpoint)."""

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_peft.errors import ConfigError
 from lightning_peft.merging import MergeDtype, MergeMode, MergeReport, check_merge_options, merge_adapter
+from lightning_peft.run_folder import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class AdapterMerge(L.Callback):
     exactly the adapter folder the run leaves behind, and a failed merge can never cost that adapter.
 
     Args:
-        dirpath: Where the merged model goes; default `<trainer.log_dir>/merged`.
+        dirpath: Where the merged model goes; default `<run folder>/merged` (see `lightning_peft.run_folder`).
         mode: `dequantized` (default), `original` or `quantized` (lossy); they differ only for a quantized base.
         dtype: Float dtype of the saved weights (`float32`, `bfloat16`, `float16`); default: the base checkpoint's.
         tolerance: Largest max-abs logit difference accepted between the merged and unmerged model (default 1e-4).
@@ -61,7 +62,7 @@ class AdapterMerge(L.Callback):
 
     def target(self, trainer: L.Trainer) -> Path:
         """The folder the merged model is written to."""
-        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "merged"
+        return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "merged"
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -80,7 +81,7 @@ class AdapterMerge(L.Callback):
         # Lightning calls teardown hooks only when fit returned normally (an exception skips them).
         if stage != "fit" or trainer.state.status != TrainerStatus.RUNNING:
             return
-        # trainer.log_dir (a broadcast) and saving an FSDP-sharded adapter (a gather) need every process.
+        # run_dir (a broadcast on its first call) and saving an FSDP-sharded adapter (a gather) need every process.
         target = self.target(trainer)
         adapter_dir = _final_adapter_dir(pl_module)
         staging = None

@@ -1,4 +1,4 @@
-"""`RunSummary`: what a training run did, in `<log_dir>/run_summary.json` (read by `lpeft publish` for the card)."""
+"""`RunSummary`: what a training run did, in `<run folder>/run_summary.json` (read by `lpeft publish` for the card)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,30 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import torch
 from typing_extensions import override
 
+from lightning_peft.atomic import write_text
+from lightning_peft.run_files import SUMMARY_FILE
+from lightning_peft.run_folder import run_dir
+
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "run_summary.json"
 
 
 class RunSummary(L.Callback):
     """Count optimizer steps, tokens and wall time of `fit`, and write them as JSON when it ends.
 
     `tokens` counts the non-padding tokens the model trained on and `supervised_tokens` those that carried
-    loss, summed over all processes. `lpeft fit` adds this callback by default.
+    loss, summed over all processes. The counts are part of the checkpoint: a run resumed with `ckpt_path`
+    reports the whole run (every part's tokens and training time), not only its last part. `lpeft fit` adds this
+    callback by default.
 
     Args:
-        filename: Name of the JSON file written in `trainer.log_dir`.
+        filename: Name of the JSON file written in the run folder (see `lightning_peft.run_folder`).
     """
 
     def __init__(self, filename: str = SUMMARY_FILE) -> None:
@@ -35,10 +38,19 @@ class RunSummary(L.Callback):
         # Running sums, kept as tensors on the batch's device: reading them each step would stall a GPU.
         self._tokens: torch.Tensor | int = 0
         self._supervised: torch.Tensor | int = 0
+        # What the earlier parts of a resumed run counted, all processes together.
+        self._earlier = {"tokens": 0, "supervised_tokens": 0, "duration_s": 0.0}
+        self._strategy: Any = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._strategy = trainer.strategy
+        self._earlier = dict.fromkeys(self._earlier, 0)  # a resume restores them after `setup`
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.monotonic()
+        self._tokens = self._supervised = 0
 
     @override
     def on_train_batch_end(
@@ -50,25 +62,42 @@ class RunSummary(L.Callback):
         self._supervised = self._supervised + (batch["labels"][:, 1:] != -100).sum()
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every process while a checkpoint is taken, so the sum over processes can be taken here.
+        return self._totals()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._earlier = {key: state_dict.get(key, 0) for key in self._earlier}
+
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counts = torch.stack(
-            [torch.as_tensor(n, dtype=torch.float64, device=pl_module.device) for n in (self._tokens, self._supervised)]
-        )
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        # trainer.log_dir broadcasts from rank zero: every process must ask for it.
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        totals = self._totals()
+        path = run_dir(trainer) / self.filename  # every process: the first call is a collective
         if not trainer.is_global_zero:
             return
         summary = {
             "steps": trainer.global_step,
             "epochs": trainer.current_epoch,
-            "tokens": int(counts[0]),
-            "supervised_tokens": int(counts[1]),
-            "duration_s": round(time.monotonic() - self._start, 3),
+            **totals,
             "hardware": hardware_description(trainer),
         }
-        _write_json(path, summary)
+        write_text(path, json.dumps(summary, indent=2) + "\n")
         log.info("Run summary written to %s", path)
+
+    def _totals(self) -> dict[str, Any]:
+        """Tokens (summed over processes) and training time of the whole run so far; a collective."""
+        device = torch.device("cpu") if self._strategy is None else self._strategy.root_device
+        counts = torch.stack(
+            [torch.as_tensor(n, dtype=torch.float64, device=device) for n in (self._tokens, self._supervised)]
+        )
+        if self._strategy is not None:
+            counts = self._strategy.reduce(counts, reduce_op="sum")
+        return {
+            "tokens": self._earlier["tokens"] + int(counts[0]),
+            "supervised_tokens": self._earlier["supervised_tokens"] + int(counts[1]),
+            "duration_s": round(self._earlier["duration_s"] + time.monotonic() - self._start, 3),
+        }
 
 
 def hardware_description(trainer: L.Trainer) -> str:
@@ -78,11 +107,3 @@ def hardware_description(trainer: L.Trainer) -> str:
     cores = os.cpu_count() or 1
     nodes = f"{trainer.num_nodes} nodes, " if trainer.num_nodes > 1 else ""
     return f"{nodes}CPU {platform.machine()}, {cores} cores"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(handle.name, path)

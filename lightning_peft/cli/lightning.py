@@ -6,16 +6,17 @@ import logging
 import warnings
 from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
-from lightning_peft.callbacks import AdapterCheckpoint, PredictionWriter, RunSummary
+from lightning_peft.callbacks import AdapterCheckpoint, MetricHistory, PredictionWriter, RunSummary
 from lightning_peft.data import SFTDataModule
 from lightning_peft.errors import ConfigError
 from lightning_peft.models import auto_precision
 from lightning_peft.module import PeftCausalLM
+from lightning_peft.run_folder import run_dir, share_version
 from lightning_peft.tokens import tokenizer_source
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,35 @@ class LpeftCLI(LightningCLI):
         if self.subcommand == "fit":
             kwargs = _with_adapter_checkpoint(self.config_init[self.subcommand].get("trainer") or {}, kwargs)
         trainer = super().instantiate_trainer(**kwargs)
+        share_version(trainer)  # one run, one folder, also for several CSV/TensorBoard loggers
         # `lpeft predict` always writes its completions; a PredictionWriter in the config says where and how.
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())
-        # Steps, tokens and time of the run, for `lpeft publish`'s model card.
-        if self.subcommand == "fit" and not any(isinstance(c, RunSummary) for c in trainer.callbacks):
-            trainer.callbacks.append(RunSummary())
+        # Steps, tokens, time and logged metrics of the run, for `lpeft publish`'s model card, whatever the loggers.
+        if self.subcommand == "fit":
+            for kind in (RunSummary, MetricHistory):
+                if not any(isinstance(c, kind) for c in trainer.callbacks):
+                    trainer.callbacks.append(kind())
         return trainer
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save `fit`'s config as `config.yaml` in the run folder (`lightning_peft.run_folder`), not in
+    `trainer.log_dir`: with W&B or MLflow first that is the logger's `save_dir`, shared by every run."""
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            super().setup(trainer, pl_module, stage)
+            return
+        if self.already_saved:
+            return
+        folder = run_dir(trainer)  # every process: the first call is a collective
+        if trainer.is_global_zero:
+            path = str(folder / self.config_filename)
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
 
 
 def _with_adapter_checkpoint(trainer_config: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -92,9 +115,9 @@ def _fill_adalora_total_step(config: Any) -> None:
 
 
 def _default_loggers(config: Any) -> None:
-    """Always log to CSV (`lpeft publish` reads metrics.csv for the card), and to TensorBoard when installed.
+    """With no logger configured, log to CSV and, when installed, to TensorBoard (Lightning picks one or the other).
 
-    Lightning's default picks one or the other, so installing tensorboard would silently empty the cards.
+    The model card does not depend on it: `MetricHistory` records the metrics whatever the loggers.
     """
     if config.trainer.get("logger") not in (None, True):
         return
@@ -125,6 +148,7 @@ def run_lightning_cli(args: list[str]) -> LightningCLI:
             subclass_mode_data=True,
             args=args,
             seed_everything_default=42,
+            save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "lpeft", "default_env": False},
             auto_configure_optimizers=False,

@@ -1,9 +1,9 @@
-"""The on-disk cache of tokenized data files, so a second run (and every DDP rank after the first) skips tokenizing.
+"""The on-disk cache of tokenized data, so a second run (and every DDP rank after the first) skips tokenizing.
 
 An entry is one safetensors file of flat integer arrays (never a pickle) named by the sha256 of everything that
-changes the result: the data bytes, the format settings, the tokenizer and `CACHE_VERSION`. Entries are written to a
-temporary file and renamed, so a crash never leaves half a file, and a file lock lets one process tokenize while
-the others wait for its result.
+changes the result: the data bytes (for a Hub data set: its id, subset, split, revision, commit and fingerprint),
+the format settings, the tokenizer and `CACHE_VERSION`. Entries are written to a temporary file and renamed, so a
+crash never leaves half a file, and a file lock lets one process tokenize while the others wait for its result.
 """
 
 from __future__ import annotations
@@ -39,12 +39,20 @@ def cache_dir() -> Path:
 
 
 def cached(
-    path: str | Path, settings: Mapping[str, Any], tokenizer: Any, build: Callable[[], TokenizedData]
+    path: str | Path,
+    settings: Mapping[str, Any],
+    tokenizer: Any,
+    build: Callable[[], TokenizedData],
+    digest: str | None = None,
 ) -> TokenizedData:
-    """The cached result for these inputs, or `build()`'s result, stored for the next run."""
+    """The cached result for these inputs, or `build()`'s result, stored for the next run.
+
+    `digest` identifies data that is not a local file (a Hub data set: see `hub_datasets.HubData.digest`); `path`
+    then only names it in the logs.
+    """
     from filelock import FileLock
 
-    target = cache_dir() / f"{cache_key(path, settings, tokenizer)}.safetensors"
+    target = cache_dir() / f"{cache_key(path, settings, tokenizer, digest)}.safetensors"
     data = _load(target)
     if data is None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -61,11 +69,11 @@ def cached(
     return data
 
 
-def cache_key(path: str | Path, settings: Mapping[str, Any], tokenizer: Any) -> str:
-    """sha256 over the data's bytes, the settings, the tokenizer's fingerprint and the cache version."""
+def cache_key(path: str | Path, settings: Mapping[str, Any], tokenizer: Any, source: str | None = None) -> str:
+    """sha256 over the data (its bytes, or the `source` digest given), the settings, the tokenizer and the version."""
     digest = hashlib.sha256()
     digest.update(f"lightning-peft data cache v{CACHE_VERSION}\0".encode())
-    digest.update(source_digest(path).encode())
+    digest.update((source or source_digest(path)).encode())
     digest.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()

@@ -1,7 +1,8 @@
-"""`SFTDataModule`: supervised fine-tuning data from a file to padded or packed batches.
+"""`SFTDataModule`: supervised fine-tuning data from files or Hub data sets to padded or packed batches.
 
-`setup()` reads, renders and tokenizes each file (or loads it from the cache) on every rank, splits off the
-validation examples and builds the datasets; the dataloaders then only pad. See `collate.py` for the batch format.
+`setup()` reads, renders and tokenizes each source (or loads it from the cache) on every rank, mixes the sources of
+`train_datasets`, splits off the validation examples and builds the datasets; the dataloaders then only pad. See
+`sources.py` for how a source is written, `collate.py` for the batch format.
 `setup("predict")` reads only `predict_file`: the prompts, rendered by the same formats, left-padded for generation.
 """
 
@@ -18,8 +19,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_peft.data.arguments import validate_arguments
 from lightning_peft.data.chat_templates import apply_chat_template
-from lightning_peft.data.chat_templates import resolve as resolve_chat_template
 from lightning_peft.data.collate import (
     LengthGroupedSampler,
     PromptCollator,
@@ -27,15 +28,18 @@ from lightning_peft.data.collate import (
     SFTCollator,
     ShuffleSampler,
 )
-from lightning_peft.data.formats import FIELDS, FORMATS
+from lightning_peft.data.hub_datasets import load_hub_dataset
+from lightning_peft.data.mixing import mix, planned_count
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset
 from lightning_peft.data.readers import require_exists
+from lightning_peft.data.sources import DataSource
 from lightning_peft.data.tokenization import TokenizedData, TokenizedPrompts, prepare_file, prepare_prompts
 from lightning_peft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
+Source = str | dict[str, Any]
 
 
 class SFTDataModule(LightningDataModule):
@@ -47,9 +51,12 @@ class SFTDataModule(LightningDataModule):
     prompt's row in `predict_file`) and `reference` (each row's answer, or None), see `PromptCollator`.
 
     Args:
-        train_file: the training data: a JSON Lines, JSON, CSV or Parquet file, or a folder written by
-            `datasets`' `save_to_disk` (its "train" split if it holds several). Needed by fit, validate and
-            test; `predict` reads only `predict_file`.
+        train_file: the training data: a JSON Lines, JSON, CSV or Parquet file, a folder written by
+            `datasets`' `save_to_disk` (its "train" split if it holds several), or a Hugging Face Hub data set:
+            `ORG/NAME` (when no such local path exists), `hf://datasets/ORG/NAME[@REVISION]`, or a mapping
+            {path, name (subset), split, revision, data_files, format, columns} as Axolotl's `datasets:` entries.
+            A Hub id reads its "train" split (val_file: "validation", test_file and predict_file: "test") unless
+            `split` says otherwise. Needed by fit, validate and test; `predict` reads only `predict_file`.
         val_file: the validation data, in any of the same forms.
         val_fraction: hold out this fraction of `train_file` (a seeded split) when there is no `val_file`.
         format: how records become text: "messages" (chat, rendered with the chat template, loss on
@@ -84,12 +91,15 @@ class SFTDataModule(LightningDataModule):
             the text itself. Answer fields are optional; when present they are kept as each row's `reference`.
             A prompt longer than `max_length` keeps its last `max_length` tokens if `truncation` is on (counted and
             logged), else is an error. Generation settings belong to `lightning_peft.callbacks.PredictionWriter`.
+        train_datasets: instead of `train_file`, several training sources mixed into one (seeded by `seed`): a
+            list of the same forms, where a mapping may set its own `format` and `columns` and either `weight` (a
+            multiplier of its size: 0.5 half, 2 twice) or `count` (exactly this many examples); see `mixing.py`.
     """
 
     def __init__(
         self,
-        train_file: str | None = None,
-        val_file: str | None = None,
+        train_file: Source | None = None,
+        val_file: Source | None = None,
         val_fraction: float | None = None,
         format: DataFormat = "auto",
         columns: dict[str, str] | None = None,
@@ -105,14 +115,17 @@ class SFTDataModule(LightningDataModule):
         tokenizer: str | None = None,
         chat_template: str | None = None,
         cache: bool = True,
-        predict_file: str | None = None,
-        test_file: str | None = None,
+        predict_file: Source | None = None,
+        test_file: Source | None = None,
+        train_datasets: list[Source] | None = None,
     ) -> None:
         super().__init__()
-        _validate(
+        # The sources as parsed: `sources` by setting name, `mixture` the entries of train_datasets.
+        self.sources, self.mixture = validate_arguments(
             train_file=train_file,
             predict_file=predict_file,
             test_file=test_file,
+            train_datasets=train_datasets,
             val_file=val_file,
             val_fraction=val_fraction,
             format=format,
@@ -127,6 +140,7 @@ class SFTDataModule(LightningDataModule):
         self.save_hyperparameters(ignore=None if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
         self.train_file, self.val_file = _str_or_none(train_file), _str_or_none(val_file)
         self.predict_file, self.test_file = _str_or_none(predict_file), _str_or_none(test_file)
+        self.train_datasets = list(train_datasets) if train_datasets else None
         self.val_fraction = val_fraction
         self.format, self.columns = format, dict(columns or {})
         self.max_length, self.truncation, self.train_on_prompt = max_length, truncation, train_on_prompt
@@ -194,7 +208,7 @@ class SFTDataModule(LightningDataModule):
             self._setup_predict()
         if wants_test:
             self._setup_test()
-        if stage in ("fit", "validate") or (stage is None and self.train_file is not None):
+        if stage in ("fit", "validate") or (stage is None and (self.train_file or self.train_datasets) is not None):
             self._setup_train(stage or "fit")
 
     def _setup_test(self) -> None:
@@ -205,29 +219,45 @@ class SFTDataModule(LightningDataModule):
                 "`test_file`=None: testing needs its own data; set data.test_file, e.g. "
                 "`lpeft test --config run.yaml --data.test_file test.jsonl` (or use `lpeft validate`)."
             )
-        test = self._prepare(self.test_file, "data.test_file")
-        self.stats["test"] = self._report("test", test, self.test_file)
+        source = self.sources["test_file"]
+        test = self._prepare(source)
+        self.stats["test"] = self._report("test", test, source.label)
         self.test_dataset = self._dataset(test, "test", shuffle=False)
 
     def _setup_train(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
-        if self.train_file is None:
+        if self.train_file is None and not self.mixture:
             raise ConfigError(
                 f"`train_file`=None: {stage} needs the training data (and its validation split); "
-                "set data.train_file to a data file."
+                "set data.train_file to a data file or Hub data set (or data.train_datasets to several)."
             )
-        train = self._prepare(self.train_file, "data.train_file")
-        val = self._prepare(self.val_file, "data.val_file") if self.val_file else None
+        train, train_label = self._prepare_train()
+        val_source = self.sources.get("val_file")
+        val = self._prepare(val_source) if val_source else None
         if self.val_fraction is not None:
-            train, val = split_train_val(train, self.val_fraction, self.seed, self.train_file)
+            train, val = split_train_val(train, self.val_fraction, self.seed, train_label)
         elif val is not None and val.format != train.format:
             _warn("The training data is in format %r but the validation data in %r", train.format, val.format)
-        self.stats["train"] = self._report("train", train, self.train_file)
+        self.stats["train"] = self._report("train", train, train_label)
         self.train_dataset = self._dataset(train, "train", shuffle=True)
         if val is not None:
-            self.stats["val"] = self._report("val", val, self.val_file or self.train_file)
+            self.stats["val"] = self._report("val", val, val_source.label if val_source else train_label)
             self.val_dataset = self._dataset(val, "val", shuffle=False)
+
+    def _prepare_train(self) -> tuple[TokenizedData, str]:
+        """The training data and how to name it: one source, or the mixture of `train_datasets`."""
+        if not self.mixture:
+            source = self.sources["train_file"]
+            return self._prepare(source), source.label
+        parts = []
+        for i, source in enumerate(self.mixture):
+            parts.append(self._prepare(source))
+            self.stats[f"train_datasets[{i}]"] = self._report(f"train_datasets[{i}]", parts[-1], source.label)
+        mixed = mix(parts, self.mixture, self.seed)
+        shares = (f"{s.label}: {planned_count(s, len(p))}" for s, p in zip(self.mixture, parts, strict=True))
+        _info("train: mixed %d examples (%s)", len(mixed), ", ".join(shares))
+        return mixed, f"the mixture of {len(parts)} data sets (data.train_datasets)"
 
     def _setup_predict(self) -> None:
         if self.predict_dataset is not None:
@@ -238,11 +268,12 @@ class SFTDataModule(LightningDataModule):
                 "`lpeft predict --config run.yaml --data.predict_file prompts.jsonl`, or "
                 "SFTDataModule(predict_file=...) from Python."
             )
-        path = str(require_exists(self.predict_file, "data.predict_file"))
+        source = self.sources["predict_file"]
+        path = source.label
         prompts = prepare_prompts(
-            path,
-            fmt=self.format,
-            columns=self.columns,
+            load_hub_dataset(source).records() if source.hub else str(require_exists(source.path, source.setting)),
+            fmt=source.format or self.format,
+            columns=self.columns if source.columns is None else source.columns,
             max_length=self.max_length,
             truncation=self.truncation,
             tokenizer=self._require_tokenizer(),
@@ -304,19 +335,27 @@ class SFTDataModule(LightningDataModule):
             **kwargs,
         )
 
-    def _prepare(self, path: str, setting: str) -> TokenizedData:
-        path = str(require_exists(path, setting))
+    def _prepare(self, source: DataSource) -> TokenizedData:
+        """Read, render and tokenize one source (a local file, or a Hub data set loaded through `datasets`)."""
+        fmt = source.format or self.format
+        if source.hub:
+            hub = load_hub_dataset(source)
+            path, read, digest = source.label, hub.records, hub.digest()
+        else:
+            path, read, digest = str(require_exists(source.path, source.setting)), None, None
         data = prepare_file(
             path,
-            fmt=self.format,
-            columns=self.columns,
+            fmt=fmt,
+            columns=self.columns if source.columns is None else source.columns,
             max_length=self.max_length,
             truncation=self.truncation,
             train_on_prompt=self.train_on_prompt,
             tokenizer=self._require_tokenizer(),
             cache=self.cache,
+            read=read,
+            digest=digest,
         )
-        if self.format == "auto":
+        if fmt == "auto":
             _info("Detected the data format %r in %s", data.format, path)
         return data
 
@@ -430,56 +469,8 @@ def split_train_val(data: TokenizedData, fraction: float, seed: int, path: str) 
     return train, val
 
 
-def _validate(**args: Any) -> None:
-    """Every problem with the arguments, in one ConfigError."""
-    problems = []
-    for name in ("train_file", "predict_file", "test_file"):
-        value = args[name]
-        if value is not None and (not isinstance(value, str | os.PathLike) or not str(value).strip()):
-            problems.append(f"`{name}`={value!r} must be the path of a data file or folder")
-    fraction = args["val_fraction"]
-    if fraction is not None and not (isinstance(fraction, int | float) and 0 < fraction < 1):
-        problems.append(f"`val_fraction`={fraction!r} must be a number between 0 and 1 (both excluded)")
-    if args["val_file"] and fraction is not None:
-        problems.append(
-            f"`val_file`={args['val_file']!r} and `val_fraction`={fraction!r} were both given; "
-            "give a validation file or a fraction of train_file to hold out, not both"
-        )
-    if args["format"] not in ("auto", *FORMATS):
-        problems.append(f"`format`={args['format']!r} must be one of auto, {', '.join(FORMATS)}")
-    problems.extend(_column_problems(args["columns"]))
-    if args["chat_template"] is not None:
-        try:
-            resolve_chat_template(args["chat_template"])
-        except ConfigError as err:
-            problems.append(str(err).rstrip("."))
-    for name, least in (("max_length", 2), ("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0)):
-        value = args[name]
-        if value is None and name == "val_batch_size":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            problems.append(f"`{name}`={value!r} must be an integer of at least {least}")
-    if problems:
-        raise ConfigError("SFTDataModule: " + "; ".join(problems) + ".")
-
-
-def _column_problems(columns: Any) -> list[str]:
-    if columns is None:
-        return []
-    if not isinstance(columns, dict):
-        return [f"`columns`={columns!r} must be a mapping from field name to column name"]
-    problems = []
-    unknown = sorted(map(str, set(columns) - set(FIELDS)))
-    if unknown:
-        problems.append(f"`columns` has unknown fields {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
-    bad = {k: v for k, v in columns.items() if not isinstance(v, str) or not v}
-    if bad:
-        problems.append(f"`columns` values must be column names (non-empty strings), got {bad!r}")
-    return problems
-
-
-def _str_or_none(path: str | os.PathLike | None) -> str | None:
-    return None if path is None else str(path)
+def _str_or_none(value: Source | os.PathLike | None) -> Source | None:
+    return value if value is None or isinstance(value, dict) else str(value)
 
 
 def _info(message: str, *args: Any) -> None:

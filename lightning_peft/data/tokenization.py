@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lightning_peft.data.formats import Prompt, Rendered
+from lightning_peft.data.readers import Records
 from lightning_peft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,13 @@ def prepare_file(
     train_on_prompt: bool,
     tokenizer: Any,
     cache: bool = True,
+    read: Callable[[], Records] | None = None,
+    digest: str | None = None,
 ) -> TokenizedData:
     """Read, render and tokenize one data file, or load the result of an earlier run from the cache.
+
+    Data that is not a local file (a Hub data set) comes with its own `read` (the records) and `digest` (its cache
+    identity, see `hub_datasets.HubData`); `path` then only names it.
 
     Raises:
         DataError: the file is missing or malformed, or an example is too long with truncation off.
@@ -238,13 +244,13 @@ def prepare_file(
     def build() -> TokenizedData:
         from lightning_peft.data.formats import render_records
 
-        records = read_records(path)
+        records = read() if read is not None else read_records(path)
         used, rendered = render_records(records, fmt, columns, tokenizer, train_on_prompt)
         return tokenize_rendered(rendered, tokenizer, max_length, truncation, used, records.where)
 
     if not cache:
         return build()
-    return data_cache.cached(path, settings, tokenizer, build)
+    return data_cache.cached(path, settings, tokenizer, build, digest)
 
 
 @dataclass
@@ -318,9 +324,9 @@ def tokenize_prompts(
 
 
 def prepare_prompts(
-    path: str, *, fmt: str, columns: Mapping[str, str], max_length: int, truncation: bool, tokenizer: Any
+    path: str | Records, *, fmt: str, columns: Mapping[str, str], max_length: int, truncation: bool, tokenizer: Any
 ) -> TokenizedPrompts:
-    """Read one file of prompts with the training readers and formats and tokenize them (never cached).
+    """Read one file of prompts (or take the records given) with the training formats and tokenize them (never cached).
 
     Raises:
         DataError: the file is missing or malformed, or a prompt is too long with truncation off.
@@ -328,6 +334,6 @@ def prepare_prompts(
     from lightning_peft.data.formats import render_prompts
     from lightning_peft.data.readers import read_records
 
-    records = read_records(path)
+    records = path if isinstance(path, Records) else read_records(path)
     used, prompts = render_prompts(records, fmt, columns, tokenizer)
     return tokenize_prompts(prompts, tokenizer, max_length, truncation, used, records.where)

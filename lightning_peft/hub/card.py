@@ -191,7 +191,7 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
     parts.append(
         f"Read from the run's {', '.join(f'`{s}`' for s in sources)}."
         if sources
-        else "No run files (metrics.csv, hparams.yaml) were found next to the adapter, so the run is not described here."
+        else "No run files (metrics.jsonl, metrics.csv, hparams.yaml, config.yaml) were found next to the adapter, so the run is not described here."
     )
     return "\n\n".join(parts)
 

@@ -216,7 +216,8 @@ def _write_loss_curve(record: RunRecord, staging: Path, name: str) -> str | None
     """Draw loss_curve.png; return None when drawn, else the sentence the card says instead."""
     if not record.train_loss and not record.val_loss:
         return (
-            "No loss values were logged for this run (no `metrics.csv` with `train_loss`), so there is no loss curve."
+            "No loss values were logged for this run (no `metrics.jsonl` or `metrics.csv` with `train_loss`), "
+            "so there is no loss curve."
         )
     if not can_plot():
         log.warning("matplotlib is not installed, so the card has no loss curve: pip install 'lightning-peft[hub]'")

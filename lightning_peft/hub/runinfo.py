@@ -1,10 +1,13 @@
 """What a training run recorded about itself: logged metrics, hyperparameters and an optional summary.
 
-`lpeft fit` saves the adapter to `<log_dir>/adapter/`; the run's files sit next to it:
-- `metrics.csv`, written by Lightning's `CSVLogger` (the default logger when tensorboard is not installed):
-  the loss curve, the final losses and the evaluation metrics (`val_*`, `test_*`) come from here. TensorBoard
-  event files are not read: log with `CSVLogger` (or both) to get them into the card.
-- `hparams.yaml` (the module's and data module's hyperparameters) and `config.yaml` (LightningCLI's full run).
+`lpeft fit` saves the adapter to `<run folder>/adapter/` (see `lightning_peft.run_folder`); the run's files sit
+next to it:
+- `metrics.jsonl`, written by the `MetricHistory` callback whatever the loggers (one JSON object per logging call:
+  `{"step": 9, "train_loss": 1.93, ...}`): the loss curve, the final losses and the evaluation metrics (`val_*`,
+  `test_*`) come from here. Runs made before it existed have only `metrics.csv` (Lightning's `CSVLogger`), which
+  is read the same way when `metrics.jsonl` is absent. TensorBoard, W&B and MLflow files are not read.
+- `hparams.yaml` (the module's and data module's hyperparameters, from CSV/TensorBoard loggers) and `config.yaml`
+  (LightningCLI's full run).
 - `run_summary.json`, optional: `{"steps": int, "tokens": int, "duration_s": float, "hardware": str}` for what
   Lightning does not log. Whatever is missing is recorded as unknown, never guessed.
 """
@@ -19,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import DataError
+from lightning_peft.run_files import CSV_METRICS_FILE, HISTORY_FILE, SUMMARY_FILE, read_history
 
-METRICS_FILE = "metrics.csv"
-SUMMARY_FILE = "run_summary.json"
 _HPARAM_KEYS = (
     "learning_rate",
     "weight_decay",
@@ -77,7 +79,7 @@ def find_run_dir(adapter_dir: Path, run_dir: str | Path | None = None) -> Path |
             raise DataError(f"`--run-dir` {run_dir} is not a folder.")
         return run_dir
     parent = adapter_dir.resolve().parent
-    if any((parent / name).is_file() for name in (METRICS_FILE, "hparams.yaml", SUMMARY_FILE)):
+    if any((parent / name).is_file() for name in (HISTORY_FILE, CSV_METRICS_FILE, "hparams.yaml", SUMMARY_FILE)):
         return parent
     return None
 
@@ -88,8 +90,10 @@ def read_run(adapter_dir: Path, run_dir: str | Path | None = None) -> RunRecord:
     record = RunRecord(run_dir=folder)
     if folder is None:
         return record
-    if (folder / METRICS_FILE).is_file():
-        _read_metrics(folder / METRICS_FILE, record)
+    if (folder / HISTORY_FILE).is_file():
+        _read_metrics(read_history(folder / HISTORY_FILE), record, HISTORY_FILE)
+    elif (folder / CSV_METRICS_FILE).is_file():
+        _read_metrics(_csv_rows(folder / CSV_METRICS_FILE), record, CSV_METRICS_FILE)
     for name in ("hparams.yaml", "config.yaml"):
         if (folder / name).is_file():
             _read_hparams(folder / name, record)
@@ -98,13 +102,16 @@ def read_run(adapter_dir: Path, run_dir: str | Path | None = None) -> RunRecord:
     return record
 
 
-def _read_metrics(path: Path, record: RunRecord) -> None:
+def _csv_rows(path: Path) -> list[dict[str, Any]]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            return list(csv.DictReader(handle))
     except (OSError, csv.Error, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not a readable CSV file: {err}") from err
-    record.sources.append(METRICS_FILE)
+
+
+def _read_metrics(rows: list[dict[str, Any]], record: RunRecord, source: str) -> None:
+    record.sources.append(source)
     steps = []
     for row in rows:
         step = _number(row.get("step"))

@@ -10,14 +10,13 @@ code: `utils/schemas/*.py` (keys and defaults), `loaders/adapter.py` (the LoRA c
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.interop.axolotl_data import DataConversion
 from lightning_peft.interop.axolotl_keys import (
     ADAPTER_TYPES,
     ATTENTION,
@@ -25,8 +24,6 @@ from lightning_peft.interop.axolotl_keys import (
     ATTENTION_SWITCHES,
     AXOLOTL_ONLY,
     BNB_OPTIONS,
-    DATA_SUFFIXES,
-    DATASET_REASONS,
     EMBEDDING_LAYERS,
     LORA_FIELDS,
     OFF_IS_DEFAULT,
@@ -35,9 +32,9 @@ from lightning_peft.interop.axolotl_keys import (
     PREFIX_REASONS,
     REASONS,
     SCHEDULERS,
-    SHAREGPT_ROLES,
     UNKNOWN,
 )
+from lightning_peft.interop.axolotl_values import integer, number, show, unset
 
 
 @dataclass(frozen=True)
@@ -55,10 +52,10 @@ class Dropped:
     reason: str
 
     def line(self) -> str:
-        return f"{self.key}={_show(self.value)}: {self.reason}"
+        return f"{self.key}={show(self.value)}: {self.reason}"
 
 
-class Converter:
+class Converter(DataConversion):
     """One conversion: takes keys out of the Axolotl config as they are carried; what is left is reported."""
 
     def __init__(self, source: Mapping[str, Any]) -> None:
@@ -75,7 +72,7 @@ class Converter:
     def take(self, key: str, default: Any = None) -> Any:
         """Remove `key` and return its value; Axolotl reads null and empty values as unset: `default`."""
         value = self.rest.pop(key, None)
-        if _unset(value):
+        if unset(value):
             return default
         self.taken.add(key)
         return value
@@ -185,7 +182,7 @@ class Converter:
         elif dtype is not None:
             self.drop("peft.weight_dtype", dtype, "bitsandbytes quantizes to nf4 (4-bit) or int8 only")
         for key, value in peft.items():
-            if not _unset(value):
+            if not unset(value):
                 self.drop(f"peft.{key}", value, UNKNOWN)
         return four, eight
 
@@ -229,172 +226,16 @@ class Converter:
         )
         return None
 
-    # ---- data --------------------------------------------------------------------------------------------------
-
-    def _data(self) -> None:
-        datasets = self.take("datasets")
-        if datasets is None:
-            self.notes.append("no `datasets`: set data.train_file to a local data file before running.")
-        elif not isinstance(datasets, list):
-            raise ConfigError(f"`datasets` must be a list of data sets (path, type ...), got {_show(datasets)}.")
-        else:
-            self._dataset(datasets[0], "datasets[0]", "train_file")
-            for i, other in enumerate(datasets[1:], 1):
-                path = other.get("path") if isinstance(other, Mapping) else other
-                self.drop(f"datasets[{i}]", path, "SFTDataModule trains on one file; merge the data sets into one")
-        tests = self.take("test_datasets")
-        fraction = self.take("val_set_size", 0)
-        if isinstance(tests, list) and tests:
-            self._dataset(tests[0], "test_datasets[0]", "val_file")
-            for i, other in enumerate(tests[1:], 1):
-                self.drop(f"test_datasets[{i}]", other, "SFTDataModule validates on one file")
-            if fraction:
-                self.drop("val_set_size", fraction, "test_datasets gives the validation data")
-        elif fraction:
-            value = _number("val_set_size", fraction)
-            if 0 < value < 1:
-                self.data["val_fraction"] = value
-            else:
-                self.drop("val_set_size", fraction, "a count of examples; data.val_fraction holds out a fraction (0-1)")
-        self._chat_template("chat_template", self.take("chat_template"))
-
-    def _dataset(self, entry: Any, where: str, setting: str) -> None:
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"`{where}` must be a mapping with `path` and `type`, got {_show(entry)}.")
-        rest = {str(k): v for k, v in entry.items()}
-        self.data[setting] = self._data_file(rest, where, setting)
-        kind = rest.pop("type", None)
-        fmt, columns = self._format(kind, rest, where)
-        if setting == "train_file":
-            if fmt is not None:
-                self.data["format"] = fmt
-            if columns:
-                self.data["columns"] = columns
-        elif kind is not None and (fmt, columns) != (self.data.get("format"), self.data.get("columns", {})):
-            self.drop(f"{where}.type", kind, "the validation file is read with the training data's format and columns")
-        for key, value in rest.items():
-            if not _unset(value):
-                self.drop(f"{where}.{key}", value, DATASET_REASONS.get(key, UNKNOWN))
-
-    def _data_file(self, rest: dict[str, Any], where: str, setting: str) -> str:
-        files, path = rest.pop("data_files", None), rest.pop("path", None)
-        rest.pop("ds_type", None)  # the reader goes by the file's extension
-        rest.pop("trust_remote_code", None)
-        split = rest.pop("split", None)
-        if split not in (None, "train"):
-            self.drop(f"{where}.split", split, "a file is read whole, a save_to_disk folder by its train split")
-        if isinstance(files, list):
-            for extra in files[1:]:
-                self.drop(f"{where}.data_files", extra, "one file per data set; merge the files into one")
-            files = files[0] if files else None
-        source = files or path
-        if _unset(source):
-            raise ConfigError(f"`{where}` has neither `path` nor `data_files`.")
-        source = str(source)
-        if source.startswith(("s3://", "gs://", "gcs://", "http://", "https://")):
-            self.notes.append(f"{where} is remote ({source}): download it and set data.{setting} to the local file.")
-        elif not Path(source).expanduser().exists() and Path(source).suffix.lower() not in DATA_SUFFIXES:
-            name = source.rstrip("/").rpartition("/")[2]
-            self.notes.append(
-                f"{where}.path {source!r} is not a local file, so it is taken for a Hub data set; SFTDataModule reads "
-                "local files only (JSON Lines, JSON, CSV, Parquet or a save_to_disk folder). Download it, e.g. "
-                f"`python -c \"import datasets; datasets.load_dataset('{source}').save_to_disk('data/{name}')\"`, "
-                f"and set data.{setting}: data/{name}."
-            )
-        return source
-
-    def _format(self, kind: Any, rest: dict[str, Any], where: str) -> tuple[str | None, dict[str, str]]:
-        """The SFTDataModule format and column mapping for a data set entry (its format keys are taken out)."""
-        fmt = _format_of(kind)
-        columns: dict[str, str] = {}
-        if fmt is None:
-            if kind is not None:
-                self.drop(
-                    f"{where}.type",
-                    kind,
-                    "no lightning-peft data format matches it (messages, prompt_completion, alpaca, text); "
-                    "data.format stays auto, which detects the format from the file's columns",
-                )
-            return None, columns
-        if fmt == "text" and rest.get("field") not in (None, "text"):
-            columns["text"] = str(rest["field"])
-        rest.pop("field", None)
-        if fmt == "messages":
-            self._chat_dataset(rest, where, columns)
-        return fmt, columns
-
-    def _chat_dataset(self, rest: dict[str, Any], where: str, columns: dict[str, str]) -> None:
-        field_messages = rest.pop("field_messages", None)
-        if field_messages not in (None, "messages"):
-            columns["messages"] = str(field_messages)
-        mapping = dict(rest.pop("message_property_mappings", None) or {})
-        for legacy, prop in (("message_field_role", "role"), ("message_field_content", "content")):
-            if (value := rest.pop(legacy, None)) is not None:
-                mapping.setdefault(prop, value)
-        fields = (mapping.pop("role", "role"), mapping.pop("content", "content"))
-        if fields not in (("role", "content"), ("from", "value")):
-            self.drop(
-                f"{where}.message_property_mappings",
-                {"role": fields[0], "content": fields[1]},
-                "messages are read as {role, content} or ShareGPT {from, value}; rename the fields in the file",
-            )
-        for prop, column in mapping.items():
-            self.drop(f"{where}.message_property_mappings.{prop}", column, "only role and content are read")
-        if (roles := rest.pop("roles", None)) is not None:
-            self._roles(roles, where, sharegpt=fields == ("from", "value"))
-        trained = rest.pop("roles_to_train", None)
-        if trained is not None and set(trained) != {"assistant"}:  # Axolotl's default: ["assistant"]
-            self.drop(
-                f"{where}.roles_to_train",
-                trained,
-                "the loss is on assistant turns (or on every token with data.train_on_prompt: true)",
-            )
-        eos = rest.pop("train_on_eos", None)
-        if eos not in (None, "turn"):  # Axolotl's default: the end of each trained turn, as lightning-peft does
-            self.drop(f"{where}.train_on_eos", eos, "the end-of-turn token of each assistant turn is learned (`turn`)")
-        self._chat_template(f"{where}.chat_template", rest.pop("chat_template", None))
-        if (jinja := rest.pop("chat_template_jinja", None)) is not None:
-            self.drop(f"{where}.chat_template_jinja", jinja, REASONS["chat_template_jinja"])
-
-    def _roles(self, roles: Any, where: str, *, sharegpt: bool) -> None:
-        """Axolotl's {target: [source roles]}: carried when the data module reads each source as its target."""
-        ok = isinstance(roles, Mapping) and all(
-            (SHAREGPT_ROLES.get(s, s) if sharegpt else s) == target
-            for target, sources in roles.items()
-            for s in (sources or [])
-        )
-        if not ok:
-            self.drop(
-                f"{where}.roles",
-                roles,
-                "role names are read as the file holds them (ShareGPT human/gpt become user/assistant); "
-                "rename the roles in the file",
-            )
-
-    def _chat_template(self, key: str, template: Any) -> None:
-        if (
-            template is None
-            or template == "tokenizer_default"
-            or str(template).startswith("tokenizer_default_fallback_")
-        ):
-            return
-        self.drop(
-            key,
-            template,
-            "conversations are rendered with the base tokenizer's own chat template; to use another, set "
-            "chat_template in the model folder's tokenizer_config.json",
-        )
-
     # ---- batches, schedule, precision --------------------------------------------------------------------------
 
     def _batches_and_length(self) -> None:
         micro, accumulate, total = (
             self.take(k) for k in ("micro_batch_size", "gradient_accumulation_steps", "batch_size")
         )
-        micro = _integer("micro_batch_size", micro) if micro is not None else None
-        accumulate = _integer("gradient_accumulation_steps", accumulate) if accumulate is not None else None
+        micro = integer("micro_batch_size", micro) if micro is not None else None
+        accumulate = integer("gradient_accumulation_steps", accumulate) if accumulate is not None else None
         if total is not None:
-            total = _integer("batch_size", total)
+            total = integer("batch_size", total)
             if micro is None and accumulate:
                 micro = max(total // accumulate, 1)
             elif accumulate is None and micro:
@@ -403,11 +244,11 @@ class Converter:
                 self.drop("batch_size", total, "micro_batch_size x gradient_accumulation_steps decide the batch")
         self.data["batch_size"] = micro or 1  # Axolotl's default micro batch is 1 (lightning-peft's is 4)
         if (eval_batch := self.take("eval_batch_size")) is not None:
-            self.data["val_batch_size"] = _integer("eval_batch_size", eval_batch)
+            self.data["val_batch_size"] = integer("eval_batch_size", eval_batch)
         if accumulate and accumulate > 1:
             self.trainer["accumulate_grad_batches"] = accumulate
         if (length := self.take("sequence_len")) is not None:
-            self.data["max_length"] = _integer("sequence_len", length)
+            self.data["max_length"] = integer("sequence_len", length)
         packing = bool(self.take("sample_packing"))
         if packing:
             self.data["packing"] = True
@@ -421,19 +262,19 @@ class Converter:
         # Axolotl's default is no length grouping; lightning-peft's is grouping.
         self.data["group_by_length"] = bool(self.take("group_by_length"))
         if (workers := self.take("dataloader_num_workers")) is not None:
-            self.data["num_workers"] = _integer("dataloader_num_workers", workers)
+            self.data["num_workers"] = integer("dataloader_num_workers", workers)
         if self.take("pad_to_sequence_len") is True:
             self.drop(
                 "pad_to_sequence_len", True, "batches are padded to their longest row only (the loss is the same)"
             )
         if (seed := self.take("seed")) is not None:
-            self.seed = self.data["seed"] = _integer("seed", seed)
+            self.seed = self.data["seed"] = integer("seed", seed)
 
     def _optimization(self) -> None:
         if (rate := self.take("learning_rate")) is not None:
-            self.model["learning_rate"] = _number("learning_rate", rate)
+            self.model["learning_rate"] = number("learning_rate", rate)
         if decay := self.take("weight_decay"):
-            self.model["weight_decay"] = _number("weight_decay", decay)
+            self.model["weight_decay"] = number("weight_decay", decay)
         optimizer = self.take("optimizer")
         if optimizer is not None:
             if (mapped := OPTIMIZERS.get(str(optimizer))) is None:
@@ -453,7 +294,7 @@ class Converter:
             self.model["lr_scheduler"] = mapped
         self._warmup(scheduler)
         # transformers' max_grad_norm defaults to 1.0, so Axolotl clips gradients unless told not to; Lightning does not.
-        clip = _number("max_grad_norm", self.take("max_grad_norm", 1.0))
+        clip = number("max_grad_norm", self.take("max_grad_norm", 1.0))
         if clip > 0:
             self.trainer["gradient_clip_val"] = clip
 
@@ -464,9 +305,9 @@ class Converter:
                 if value:
                     self.drop(key, value, "lr_scheduler: constant ignores warmup; use constant_with_warmup to warm up")
         elif steps is not None:
-            self.model["warmup_steps"] = _integer("warmup_steps", steps)
+            self.model["warmup_steps"] = integer("warmup_steps", steps)
         elif ratio is not None:
-            self.model["warmup_ratio"] = _number("warmup_ratio", ratio)
+            self.model["warmup_ratio"] = number("warmup_ratio", ratio)
         else:
             self.model["warmup_ratio"] = 0.03
             self.notes.append(
@@ -535,7 +376,7 @@ class Converter:
         if (output := self.take("output_dir")) is not None:
             self.trainer["default_root_dir"] = str(output)
         if (every := self.take("logging_steps")) is not None:
-            self.trainer["log_every_n_steps"] = _integer("logging_steps", every)
+            self.trainer["log_every_n_steps"] = integer("logging_steps", every)
         callbacks: list[dict[str, Any]] = []
         self._evaluation(callbacks)
         self._checkpoints(callbacks)
@@ -544,10 +385,10 @@ class Converter:
 
     def _length(self) -> None:
         steps, epochs = self.take("max_steps"), self.take("num_epochs")
-        if steps is not None and _integer("max_steps", steps) > 0:
+        if steps is not None and integer("max_steps", steps) > 0:
             self.trainer["max_steps"] = int(steps)  # takes precedence over num_epochs, as in transformers
             return
-        value = _number("num_epochs", 1 if epochs is None else epochs)  # Axolotl's default: one epoch
+        value = number("num_epochs", 1 if epochs is None else epochs)  # Axolotl's default: one epoch
         self.trainer["max_epochs"] = math.ceil(value)
         if not value.is_integer():
             self.drop(
@@ -567,7 +408,7 @@ class Converter:
         accumulate = self.trainer.get("accumulate_grad_batches", 1)
         if strategy == "no":
             self.trainer["limit_val_batches"] = 0
-        elif steps is not None and _number("eval_steps", steps) >= 1:
+        elif steps is not None and number("eval_steps", steps) >= 1:
             # Lightning counts training batches, transformers optimizer steps.
             self.trainer["val_check_interval"] = int(steps) * accumulate
             self.trainer["check_val_every_n_epoch"] = None
@@ -577,10 +418,10 @@ class Converter:
                 steps,
                 "a fraction of all steps; set trainer.val_check_interval (batches, or a fraction of an epoch)",
             )
-        elif per_epoch is not None and _integer("evals_per_epoch", per_epoch) > 1:
+        elif per_epoch is not None and integer("evals_per_epoch", per_epoch) > 1:
             self.trainer["val_check_interval"] = 1 / int(per_epoch)
         if patience is not None:
-            init = {"monitor": "val_loss", "mode": "min", "patience": _integer("early_stopping_patience", patience)}
+            init = {"monitor": "val_loss", "mode": "min", "patience": integer("early_stopping_patience", patience)}
             callbacks.append({"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": init})
 
     def _checkpoints(self, callbacks: list[dict[str, Any]]) -> None:
@@ -589,14 +430,14 @@ class Converter:
             self.trainer["enable_checkpointing"] = False  # the final adapter is still written
             return
         init: dict[str, Any] = {}
-        if steps is not None and _number("save_steps", steps) >= 1:
+        if steps is not None and number("save_steps", steps) >= 1:
             # transformers keeps every step checkpoint unless save_total_limit says otherwise.
             init = {"every_n_train_steps": int(steps), "save_top_k": -1}
         elif steps is not None:
             self.drop(
                 "save_steps", steps, "a fraction of all steps; set every_n_train_steps on an AdapterCheckpoint callback"
             )
-        if per_epoch is not None and _integer("saves_per_epoch", per_epoch) > 1 and not init:
+        if per_epoch is not None and integer("saves_per_epoch", per_epoch) > 1 and not init:
             self.drop(
                 "saves_per_epoch",
                 per_epoch,
@@ -607,51 +448,14 @@ class Converter:
 
     def _leftovers(self) -> None:
         for key, value in self.rest.items():
-            if _unset(value) or key in AXOLOTL_ONLY:
+            if unset(value) or key in AXOLOTL_ONLY:
                 continue
             if value is False and (key in OFF_IS_DEFAULT or key.startswith(OFF_PREFIXES)):
                 continue
             self.drop(key, value, _reason(key))
 
 
-def _format_of(kind: Any) -> str | None:
-    """The SFTDataModule format for an Axolotl dataset `type`, or None."""
-    return (
-        {"alpaca": "alpaca", "chat_template": "messages", "completion": "text"}.get(kind)
-        if isinstance(kind, str)
-        else None
-    )
-
-
 def _reason(key: str) -> str:
     if key in REASONS:
         return REASONS[key]
     return next((why for prefix, why in PREFIX_REASONS if key.startswith(prefix)), UNKNOWN)
-
-
-def _unset(value: Any) -> bool:
-    return value is None or (isinstance(value, str | list | dict) and not value)
-
-
-def _number(key: str, value: Any) -> float:
-    # YAML 1.1 reads 2e-4 (no dot) as a string; Axolotl converts it, so do we.
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"`{key}`={value!r} is not a number.") from None
-    if isinstance(value, bool) or math.isnan(number):
-        raise ConfigError(f"`{key}`={value!r} is not a number.")
-    return number
-
-
-def _integer(key: str, value: Any) -> int:
-    number = _number(key, value)
-    if not number.is_integer():
-        raise ConfigError(f"`{key}`={value!r} must be a whole number.")
-    return int(number)
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """A value on one short line, for the header and the warnings."""
-    text = value if isinstance(value, str) and "\n" not in value else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

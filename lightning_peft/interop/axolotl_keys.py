@@ -78,7 +78,7 @@ AXOLOTL_ONLY = frozenset(
         "strict",
         "axolotl_config_path",
         "local_rank",
-        "shuffle_merged_datasets",  # one training file: nothing to shuffle together
+        "shuffle_merged_datasets",  # the training sampler shuffles the examples of every data set together
         "is_falcon_derived_model",
         "is_llama_derived_model",
         "is_mistral_derived_model",
@@ -123,8 +123,8 @@ _RL = "preference/RL training is not supported: lightning-peft does supervised f
 _KERNELS = "Axolotl's fused-kernel patches have no lightning-peft equivalent"
 _EVAL_GEN = "no generations during evaluation; run `lpeft predict` on a prompts file instead"
 _LOGGER = (
-    "not set up by the conversion; add the matching Lightning logger to trainer.logger (and keep a CSVLogger: "
-    "`lpeft publish` reads metrics.csv)"
+    "not set up by the conversion; add the matching Lightning logger to trainer.logger (the model card's metrics "
+    "come from the run folder's metrics.jsonl, written whatever the loggers)"
 )
 _ADAM = "PeftCausalLM uses the optimizer's default betas and epsilon"
 _SCHEDULE = "the schedules are linear warmup then cosine/linear decay to zero, or constant; no other shape options"
@@ -220,8 +220,8 @@ PREFIX_REASONS = (
     ("qat", "quantization-aware training is not supported"),
 )
 DATASET_REASONS = {
-    "name": "a Hub data set configuration: save that configuration to a local file and point data.train_file at it",
-    "revision": "a Hub data set revision: download that revision to a local file",
+    "name": "a subset of a Hub data set, but the path is a local file, which has none",
+    "revision": "a revision of a Hub data set, but the path is a local file, which has none",
     "shards": "the whole file is used; shard it beforehand",
     "shards_idx": "the whole file is used; shard it beforehand",
     "drop_system_message": "conversations are rendered as the file holds them; remove the system turns from the data",
