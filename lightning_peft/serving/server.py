@@ -50,7 +50,7 @@ class AdapterServer:
         registry: Where registry references (`org/name@^1`) are pulled from: a `Registry`, `hf`, a URL or a
             folder (default: `$LPEFT_REGISTRY` or the default local registry).
         cache_dir: Where pulled packages are kept (default: `<lightning_peft cache>/adapters`).
-        attn_implementation: The transformers attention backend.
+        attn_implementation: The transformers attention backend ("auto": the best one the model implements).
 
     Attributes:
         concatenate_mixed: Run mixed batches of plain LoRA adapters through `ConcatenatedLora` (default);
@@ -67,7 +67,7 @@ class AdapterServer:
         device: str | None = None,
         registry: Any = None,
         cache_dir: str | os.PathLike | None = None,
-        attn_implementation: str | None = "sdpa",
+        attn_implementation: str | None = "auto",
     ) -> None:
         import torch
 
