@@ -3,8 +3,8 @@
 One `peft.PeftModel` holds every adapter. A batch whose rows all use one adapter runs on PEFT's ordinary path
 with that adapter active; a batch that mixes plain LoRA adapters adds each row's own delta in every layer through
 `ConcatenatedLora` (see `batched.py`), other mixes use PEFT's `adapter_names`; either equals running each row
-alone. PEFT cannot mix DoRA adapters or adapters with `modules_to_save` in one batch: such a batch runs once per
-adapter instead, with the same results.
+alone. PEFT cannot mix DoRA adapters, adapters with `modules_to_save` or adapters on parameters (MoE experts) in
+one batch: such a batch runs once per adapter instead, with the same results.
 """
 
 from __future__ import annotations
@@ -456,10 +456,12 @@ class AdapterServer:
         """Rows by adapter when PEFT cannot mix these adapters in one batch; None when it can.
 
         PEFT refuses DoRA in mixed batches, and its modules_to_save wrapper fails on a row whose adapter has no
-        copy of that module (peft 0.21).
+        copy of that module (peft 0.21). LoRA on parameters (`target_parameters`: MoE experts) sees the tokens
+        routed to each expert, not the batch's rows, so no per-row delta can be applied there.
         """
-        dora = any(getattr(self._peft.peft_config[n], "use_dora", False) for n in set(rows) - {BASE})
-        if len(set(rows)) == 1 or not (dora or self._wrapped_modules):
+        configs = [self._peft.peft_config[n] for n in set(rows) - {BASE}]
+        apart = any(getattr(c, "use_dora", False) or getattr(c, "target_parameters", None) for c in configs)
+        if len(set(rows)) == 1 or not (apart or self._wrapped_modules):
             return None
         groups: dict[str, list[int]] = {}
         for index, name in enumerate(rows):
