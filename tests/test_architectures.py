@@ -230,6 +230,23 @@ def test_fit_merge_and_serve(family, quantization, family_dir, trained, tmp_path
     assert isinstance(answer, str)
 
 
+def test_serving_checks_read_conv1d_and_expert_shapes(trained):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_peft.serving.checks import check_adapter, module_shapes
+
+    gpt2, mixtral = trained("gpt2", "none"), trained("mixtral", "none")
+    check_adapter(gpt2, module_shapes(build_family_model("gpt2")))
+    check_adapter(mixtral, module_shapes(build_family_model("mixtral")))
+    wider = FAMILIES["gpt2"]()
+    wider.n_embd = 64
+    with pytest.raises(ConfigError, match=r"transformer.h.0.attn.c_attn has 64 input features"):
+        check_adapter(gpt2, module_shapes(AutoModelForCausalLM.from_config(wider)))
+    # Same module paths and attention shapes, narrower experts: only the expert tensors do not fit.
+    with pytest.raises(ConfigError, match=r"mlp.experts.* fits none of the parameters of model.layers.0.mlp.experts"):
+        check_adapter(mixtral, module_shapes(build_family_model("qwen3_moe")))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_publish_verifies_the_package_on_its_base(family, family_dir, trained, tmp_path):
     from lightning_peft.hub import publish, pull
