@@ -419,7 +419,9 @@ class PeftCausalLM(L.LightningModule):
             return
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         backend = getattr(base.config, "_attn_implementation", None) or self.hparams.attn_implementation
-        others = [name for name in supported_attn_implementations(type(base)) if name != backend]
+        # Prompt learning leaks through its virtual tokens whatever the backend; only a backend change can help LoRA.
+        others = [] if adapters.is_prompt_learning(self.peft_config) else supported_attn_implementations(type(base))
+        others = [name for name in others if name != backend]
         fix = f" or set `model.attn_implementation` to one of {', '.join(others)}" if others else ""
         raise ConfigError(
             f"`data.packing: true` is not safe with {type(base).__name__} (attn_implementation={backend!r}, "
