@@ -85,7 +85,7 @@ def check_attn_implementation(requested: str | None, model_class: type | None) -
 def attn_load_error(requested: str | None, err: Exception) -> ConfigError | None:
     """A one-line ConfigError for `from_pretrained`'s refusal of an attention backend, or None for other errors."""
     text = str(err).strip()
-    if not requested or ("attn" not in text and "attention" not in text):
+    if not requested or ("attn" not in text.lower() and "attention" not in text.lower()):
         return None
     first = text.splitlines()[0][:300]
     return ConfigError(

@@ -7,6 +7,7 @@ rounding, the served adapter computes what was trained, a published package veri
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -157,6 +158,24 @@ def test_a_backend_the_model_lacks_is_one_line_before_loading(family, model_clas
     module = PeftCausalLM(str(family_dir(family)), attn_implementation="sdpa")
     with pytest.raises(ConfigError, match=pattern):
         module.configure_model()
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        (
+            "flash_attention_2",
+            r"^`model.attn_implementation`='flash_attention_2' could not be used \(FlashAttention2 .*",
+        ),
+        ("paged", r"^`model.attn_implementation`='paged' is not a known attention backend; use one of auto, eager,"),
+    ],
+)
+def test_a_backend_that_cannot_load_is_one_line(backend, message, family_dir):
+    if backend.startswith("flash") and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here, so the backend loads")
+    with pytest.raises(ConfigError, match=message) as error:
+        load_base_model(str(family_dir("llama")), attn_implementation=backend)
+    assert "\n" not in str(error.value)
 
 
 def test_eager_attention_keeps_packed_examples_apart_but_bloom_alibi_does_not(family_dir):
