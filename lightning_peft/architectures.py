@@ -1,4 +1,4 @@
-"""What a model family can do here: its attention backends, and training setups it cannot take.
+"""What a model family can do here: the attention backends its class implements, and what 4/8-bit leaves float.
 
 transformers decides per model class which attention backends it implements (`_supports_sdpa` and friends);
 asking a class for one it lacks fails deep inside `from_pretrained` with a long message. These checks read only
@@ -8,7 +8,7 @@ asking a class for one it lacks fails deep inside `from_pretrained` with a long 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning_peft.errors import ConfigError
 
@@ -16,14 +16,7 @@ log = logging.getLogger(__name__)
 
 AttnImplementation = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
 ATTN_AUTO = "auto"
-ATTN_IMPLEMENTATIONS: tuple[str, ...] = (
-    ATTN_AUTO,
-    "eager",
-    "sdpa",
-    "flex_attention",
-    "flash_attention_2",
-    "flash_attention_3",
-)
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
 # The class attribute transformers sets on a model class that implements each backend (eager: every class).
 _SUPPORT_FLAGS = {
     "sdpa": "_supports_sdpa",
