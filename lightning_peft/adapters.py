@@ -202,15 +202,37 @@ def inject_adapter(
 
     check_targets(model, config)
     model = prepare_base(model, quantized=quantized, gradient_checkpointing=gradient_checkpointing)
+    # PEFT rewrites config.target_modules and wraps the layers before it can fail: name them as they were.
+    targets, model_class, layers = getattr(config, "target_modules", None), type(model).__name__, None
+    if any(param.dim() == 3 for param in model.parameters()):
+        layers = [name for name in linear_module_names(model) if name != "lm_head"]
     try:
         return get_peft_model(model, config)
     except ValueError as err:
+        refused = _PARAM_WRAPPER_REFUSAL.search(str(err))
+        if refused and layers is not None:
+            key = re.match(r"\w+", refused["setting"].strip())[0]
+            setting = f"`adapter.{key}`={getattr(config, key, None)!r}"
+            raise ConfigError(_fused_experts_message(model_class, targets, layers, setting)) from err
         if "target" in str(err).lower():
             raise ConfigError(
                 f"`adapter.target_modules`={getattr(config, 'target_modules', None)!r}: {err}. The model's linear "
                 f"layers are: {', '.join(linear_module_names(model))}."
             ) from err
         raise ConfigError(f"`adapter` ({type(config).__name__}) cannot be applied to this model: {err}") from err
+
+
+# PEFT adapts transformers 5's fused MoE expert weights (3-D parameters) with `ParamWrapper`, which refuses
+# dropout, DoRA and LoRA biases; PEFT's message names neither the setting's key nor a way out.
+_PARAM_WRAPPER_REFUSAL = re.compile(r"lora\.ParamWrapper does not work with (?P<setting>[\w.!=\s]+?)\.?$")
+
+
+def _fused_experts_message(model_class: str, targets: Any, layers: list[str], setting: str) -> str:
+    return (
+        f"{setting} cannot be used on {model_class}'s fused mixture-of-experts weights, which "
+        f"`target_modules`={targets!r} adapts through PEFT's target_parameters; drop that setting, or list "
+        f"`target_modules` without the experts (its linear layers: {', '.join(layers)})."
+    )
 
 
 def read_adapter_config(directory: str | os.PathLike) -> PeftConfig:

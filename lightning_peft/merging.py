@@ -37,6 +37,8 @@ from lightning_peft.errors import ConfigError
 from lightning_peft.models import QUANTIZATIONS
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
 log = logging.getLogger(__name__)
@@ -502,12 +504,32 @@ def _logits(model: torch.nn.Module, probes: list[torch.Tensor], exact: bool = Tr
     if exact:
         model.to(torch.float64)  # float32 -> float64 -> float32 is lossless
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _eager_experts(model) if exact else contextlib.nullcontext():
             return [model(input_ids=p.to(device), use_cache=False).logits.cpu() for p in probes]
     finally:
         if exact:
             model.to(torch.float32)
         bnb_logger.removeFilter(_quiet_int8_cast)
+
+
+@contextlib.contextmanager
+def _eager_experts(model: torch.nn.Module) -> Iterator[None]:
+    """Run mixture-of-experts blocks with transformers' eager expert loop inside the block.
+
+    transformers 5 computes fused experts with `torch._grouped_mm` by default, which has no float64 kernel;
+    the eager loop computes the same products one expert at a time, in any dtype.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    getter = getattr(base, "get_experts_implementation", None)
+    current = getter() if getter is not None else {}
+    if not any(impl not in (None, "eager") for impl in current.values()):
+        yield
+        return
+    base.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        base.set_experts_implementation(current)
 
 
 def _cheap(model: torch.nn.Module) -> bool:
@@ -539,6 +561,7 @@ def _copy_dequantized(quantized: torch.nn.Module, float_model: torch.nn.Module) 
     import bitsandbytes as bnb
     import torch
     from peft.utils.integrations import dequantize_bnb_weight
+    from transformers.pytorch_utils import Conv1D
 
     count = 0
     with torch.no_grad():
@@ -547,6 +570,8 @@ def _copy_dequantized(quantized: torch.nn.Module, float_model: torch.nn.Module) 
                 weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None))
                 # Under a PEFT wrapper the quantized layer is `<name>.base_layer`.
                 target = float_model.get_submodule(name.removesuffix(".base_layer"))
+                if isinstance(target, Conv1D):  # GPT-2 stores (in, out); bitsandbytes quantized the transpose
+                    weight = weight.T
                 target.weight.copy_(weight.to(torch.float32))
                 count += 1
     log.debug("Dequantized %d bitsandbytes weights to float32", count)

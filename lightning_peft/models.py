@@ -14,6 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lightning_peft.architectures import (
+    ATTN_AUTO,
+    attn_load_error,
+    causal_lm_class,
+    check_attn_implementation,
+    log_unquantized_experts,
+)
 from lightning_peft.bnb_cpu import correct_cpu_dequantize_4bit
 from lightning_peft.errors import ConfigError, MissingDependencyError
 
@@ -242,11 +249,15 @@ def load_base_model(
     quantization: str = "none",
     quantization_options: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = ATTN_AUTO,
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM from an alias, a folder or a Hub id, quantized with bitsandbytes when asked."""
+    """Load a causal LM from an alias, a folder or a Hub id, quantized with bitsandbytes when asked.
+
+    `attn_implementation` "auto" (or None) lets transformers pick: sdpa where the model class implements it,
+    else eager. An explicit backend the class does not implement is refused before any weight is read.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -254,8 +265,9 @@ def load_base_model(
     bnb = quantization_config(quantization, dtype, quantization_options)
     source = resolve_model(name_or_path)
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    if attn_implementation not in (None, ATTN_AUTO):
+        model_class = causal_lm_class(source, revision=revision, trust_remote_code=trust_remote_code)
+        kwargs["attn_implementation"] = check_attn_implementation(attn_implementation, model_class)
     if bnb is not None:
         if quantization == "4bit":
             correct_cpu_dequantize_4bit()
@@ -266,8 +278,15 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise ConfigError(_unreachable_message(name_or_path, err)) from err
+    except (ValueError, ImportError) as err:
+        refused = attn_load_error(kwargs.get("attn_implementation"), err)
+        if refused is None:
+            raise
+        raise refused from err
     if quantization == "4bit":
         keep_4bit_layout_on_cpu(model)
+    if bnb is not None:
+        log_unquantized_experts(model, quantization)
     return model
 
 
@@ -310,10 +329,11 @@ def _unreachable_message(name: str, err: Exception) -> str:
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Short names (the last path component) of the model's linear layers, quantized ones included."""
+    """Short names (the last path component) of the model's linear layers, quantized ones and GPT-2's Conv1D included."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    linear_types: tuple[type, ...] = (torch.nn.Linear,)
+    linear_types: tuple[type, ...] = (torch.nn.Linear, Conv1D)
     if importlib.util.find_spec("bitsandbytes") is not None:
         import bitsandbytes as bnb
 

@@ -20,6 +20,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
 from lightning_peft import adapters
+from lightning_peft.architectures import ATTN_AUTO, AttnImplementation, supported_attn_implementations
 from lightning_peft.data import chat_templates
 from lightning_peft.data.tokenization import IGNORE_INDEX
 from lightning_peft.errors import ConfigError
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
 Scheduler = Literal["cosine", "linear", "constant"]
-AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]
 
 
 class PeftCausalLM(L.LightningModule):
@@ -65,7 +65,9 @@ class PeftCausalLM(L.LightningModule):
             are recomputed in backward only when a batch has more supervised tokens than this. 0 or null: full
             logits. Not used by a subclass that overrides `compute_loss` (it gets full logits), under FSDP2, or
             for a model whose logits are not its lm_head's output.
-        attn_implementation: transformers attention backend.
+        attn_implementation: The transformers attention backend. `auto`: the best one the model class
+            implements (sdpa where it can, else eager: GPT-Neo, BLOOM, Gemma 2). A backend the class does not
+            implement is refused before loading.
         revision: Model revision when loading from the Hub.
         trust_remote_code: Allow model code from the Hub (only for models you trust).
         adapter_path: Start from this saved PEFT adapter folder (a previous run's `adapter/`, or any PEFT
@@ -98,7 +100,7 @@ class PeftCausalLM(L.LightningModule):
         warmup_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         loss_chunk_size: int | None = 1024,
-        attn_implementation: AttnImplementation | None = "sdpa",
+        attn_implementation: AttnImplementation | None = ATTN_AUTO,
         revision: str | None = None,
         trust_remote_code: bool = False,
         adapter_path: str | None = None,
@@ -441,15 +443,22 @@ class PeftCausalLM(L.LightningModule):
     def check_packing_isolation(self) -> None:
         """Refuse packing when this model/backend lets packed examples see each other.
 
-        Two examples are packed twice, with the first one changed: the second one's logits must not move.
+        Two examples are packed twice, with the first one changed: the second one's logits must not move. Eager
+        attention keeps them apart in most families; BLOOM's ALiBi attention ignores position_ids entirely.
         """
-        if not packed_examples_are_isolated(self.model, device=self.device):
-            raise ConfigError(
-                f"`data.packing: true` is not safe with this model: with "
-                f"attn_implementation={self.hparams.attn_implementation!r} and {type(self.peft_config).__name__} "
-                "packed examples attend to each other. Set `data.packing: false` or use an attention backend "
-                "that honours position_ids (sdpa, eager, flex_attention, flash_attention_2)."
-            )
+        if packed_examples_are_isolated(self.model, device=self.device):
+            return
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backend = getattr(base.config, "_attn_implementation", None) or self.hparams.attn_implementation
+        # Prompt learning leaks through its virtual tokens whatever the backend; only a backend change can help LoRA.
+        others = [] if adapters.is_prompt_learning(self.peft_config) else supported_attn_implementations(type(base))
+        others = [name for name in others if name != backend]
+        fix = f" or set `model.attn_implementation` to one of {', '.join(others)}" if others else ""
+        raise ConfigError(
+            f"`data.packing: true` is not safe with {type(base).__name__} (attn_implementation={backend!r}, "
+            f"{type(self.peft_config).__name__}): packed examples attend to each other. Set `data.packing: false`"
+            f"{fix}."
+        )
 
     @torch.no_grad()
     def evaluate(self, dataloader: Any) -> dict[str, float]:

@@ -1,10 +1,12 @@
-"""Small helpers shared by the tests: batches of random tokens and a quiet Trainer."""
+"""Small helpers shared by the tests: batches of random tokens, a quiet Trainer, an SGD-trained module."""
 
 from __future__ import annotations
 
 import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
+
+from lightning_peft import PeftCausalLM
 
 
 def token_batches(n_batches: int = 4, batch_size: int = 4, length: int = 12, seed: int = 0, vocab: int = 200):
@@ -35,3 +37,20 @@ def adapter_tensors(module) -> dict[str, torch.Tensor]:
     """Copies of the adapter's tensors, keyed as in the module's state_dict."""
     keys = module.adapter_state_keys()
     return {k: v.detach().clone() for k, v in module.state_dict().items() if k in keys}
+
+
+class SGDPeftCausalLM(PeftCausalLM):
+    """`PeftCausalLM` trained with SGD and momentum, for tests that compare two ways of training.
+
+    Each step moves the adapter by a fixed linear combination of the gradients so far, so a difference in the
+    gradients shows as it is, and the bounds of `tolerance.py` apply. AdamW divides by the gradient's running RMS:
+    a gradient near its eps (1e-8) turns a rounding difference of 1e-10 into a step change of ~1% of the learning
+    rate, and a gradient scaled by 2 (a wrong average) into the very same step. The momentum is optimizer state,
+    which resuming must restore.
+    """
+
+    MOMENTUM = 0.5
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=self.hparams.learning_rate, momentum=self.MOMENTUM)

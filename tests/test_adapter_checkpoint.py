@@ -19,6 +19,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import Checkpoint
 from peft import PeftModel
 from safetensors.torch import load_file
+from tolerance import TINY_FORWARD, assert_close_reordered
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import PeftCausalLM
@@ -150,7 +151,7 @@ def test_other_peft_methods_save_loadable_adapters_and_resume(tiny_model_dir, tm
     folder = tmp_path / "ckpt" / "last"
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
-    assert torch.allclose(logits(peft, ids), logits(module.model, ids), atol=1e-6)
+    assert_close_reordered(logits(peft, ids), logits(module.model, ids), **TINY_FORWARD)
     restored = read_checkpoint(folder)["state_dict"]
     assert restored.keys() == module.adapter_state_keys()
     assert all(torch.equal(restored[k], v) for k, v in adapter_tensors(module).items())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import adapter_tensors, quiet_trainer, token_batches
+from helpers import SGDPeftCausalLM, adapter_tensors, quiet_trainer, token_batches
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from tiny import build_model
+from tolerance import assert_close_reordered, reordering_tolerance
 
 from lightning_peft import PeftCausalLM
 from lightning_peft.errors import ConfigError
@@ -19,7 +20,6 @@ from lightning_peft.losses import (
 )
 
 VOCAB = 259  # the tiny tokenizer's size
-TOLERANCE = {"rtol": 0, "atol": 1e-5}
 
 
 def tiny_config(**overrides):
@@ -69,17 +69,26 @@ def gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return grads
 
 
-def assert_same_loss_and_gradients(model, inputs, labels, chunk_size: int, grad_tolerance=TOLERANCE) -> None:
+def assert_same_loss_and_gradients(
+    model, inputs, labels, chunk_size: int, grad_terms: int = VOCAB, grad_sums_in_a_row: int = 2
+) -> None:
+    """Chunked and full-logits losses agree, and so do all adapter gradients.
+
+    The loss is a mean of log-sum-exps over the vocabulary: its terms are summed in another order per chunk. The
+    gradients differ where the loss head's gradient (a sum over the vocabulary) is formed; the backward through
+    the decoder then adds no new difference, only carries it (the same sums in the same order).
+    """
     want = reference_loss(model, inputs, labels)
     want_grads = gradients(model, want)
     got = chunked_lm_loss(model, inputs, labels, chunk_size)
     got_grads = gradients(model, got.loss)
-    torch.testing.assert_close(got.loss, want, **TOLERANCE)
-    assert got.n_tokens == (labels[:, 1:] != -100).sum()
+    n_supervised = int((labels[:, 1:] != -100).sum())
+    assert_close_reordered(got.loss, want, n_terms=max(grad_terms, n_supervised), sums_in_a_row=2)
+    assert got.n_tokens == n_supervised
     assert want_grads.keys() == got_grads.keys() and want_grads
     for name, grad in want_grads.items():
         assert grad.abs().max() > 0, f"{name} has no gradient: the test would prove nothing"
-        torch.testing.assert_close(got_grads[name], grad, **grad_tolerance, msg=name)
+        assert_close_reordered(got_grads[name], grad, n_terms=grad_terms, sums_in_a_row=grad_sums_in_a_row, msg=name)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 1000])  # 5 and 7 do not divide the 38 supervised tokens
@@ -224,10 +233,10 @@ def test_shifting_the_labels_equals_slicing_the_logits():
 # ---- wired into PeftCausalLM ----------------------------------------------------------------------------------
 
 
-def make_module(tiny_model_dir, **kwargs) -> PeftCausalLM:
+def make_module(tiny_model_dir, module_class=PeftCausalLM, **kwargs) -> PeftCausalLM:
     kwargs.setdefault("adapter", {"r": 4, "lora_dropout": 0.0, "init_lora_weights": False})
     torch.manual_seed(0)  # the same random adapter in every module
-    module = PeftCausalLM(str(tiny_model_dir), save_adapter_on_fit_end=False, **kwargs)
+    module = module_class(str(tiny_model_dir), save_adapter_on_fit_end=False, **kwargs)
     module.configure_model()
     return module
 
@@ -250,10 +259,10 @@ def test_module_paths_agree_on_loss_accuracy_and_gradients(tiny_model_dir):
     batch = {**inputs, "labels": labels}
     got, want = step(chunked, batch), step(plain, batch)
     assert chunked._chunked_loss_ok and not plain._uses_chunked_loss()
-    torch.testing.assert_close(got[0], want[0], **TOLERANCE)
+    assert_close_reordered(got[0], want[0], n_terms=VOCAB, sums_in_a_row=2)
     assert 0.3 < want[1] < 0.7 and got[1] == want[1]
     for name, grad in want[2].items():
-        torch.testing.assert_close(got[2][name], grad, **TOLERANCE, msg=name)
+        assert_close_reordered(got[2][name], grad, n_terms=VOCAB, sums_in_a_row=2, msg=name)
 
 
 def test_a_compute_loss_override_still_receives_full_logits(tiny_model_dir):
@@ -282,23 +291,26 @@ def test_a_model_that_blocks_chunking_falls_back_to_full_logits(tiny_model_dir):
     batch = {**inputs, "labels": labels}
     loss = chunked._shared_step(batch, chunked.train_loss, chunked.train_acc)
     assert chunked._chunked_loss_ok is False
-    torch.testing.assert_close(loss, reference_loss(chunked.model, inputs, labels), rtol=0, atol=1e-6)
+    assert_close_reordered(loss, reference_loss(chunked.model, inputs, labels), n_terms=VOCAB)
 
 
 def test_training_with_chunks_gives_the_same_adapter_and_metrics(tiny_model_dir, tmp_path):
     adapters, metrics = [], []
     for chunk_size in (3, 0):
-        module = make_module(tiny_model_dir, loss_chunk_size=chunk_size, learning_rate=1e-2)
+        module = make_module(tiny_model_dir, SGDPeftCausalLM, loss_chunk_size=chunk_size, learning_rate=1e-2)
         trainer = quiet_trainer(tmp_path, max_steps=3)
         trainer.fit(module, train_dataloaders=token_batches(vocab=VOCAB))
         adapters.append(adapter_tensors(module))
         metrics.append(trainer.validate(module, token_batches(n_batches=2, vocab=VOCAB), verbose=False)[0])
     (chunked, plain), (chunked_metrics, plain_metrics) = adapters, metrics
+    # 3 SGD steps, each gradient as in the test above (momentum weights 1.75 + 1.5 + 1 < 5); the validation
+    # metrics then add one more such difference.
+    bound = reordering_tolerance(VOCAB, sums_in_a_row=5 * 2)
     for key, tensor in plain.items():
-        torch.testing.assert_close(chunked[key], tensor, **TOLERANCE, msg=key)
+        assert_close_reordered(chunked[key], tensor, n_terms=VOCAB, sums_in_a_row=5 * 2, msg=key)
     assert chunked_metrics.keys() == plain_metrics.keys() == {"val_loss", "val_ppl", "val_acc"}
     for key, value in plain_metrics.items():
-        assert abs(chunked_metrics[key] - value) <= 1e-5 * max(1.0, abs(value)), key
+        assert abs(chunked_metrics[key] - value) <= 2 * bound * max(1.0, abs(value)), key
 
 
 def test_a_negative_chunk_size_is_refused(tiny_model_dir):
@@ -315,6 +327,8 @@ def test_smollm2_chunked_loss_matches_the_full_logits(smollm2_dir):
     ids = torch.randint(3, 49152, (2, 96), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :20] = -100
-    # Gradients up to ~3 here: fp32 summation order moves them by up to ~2e-5, relative ~1e-5.
-    tolerance = {"rtol": 1e-4, "atol": 1e-5}
-    assert_same_loss_and_gradients(module.model, {"input_ids": ids}, labels, chunk_size=64, grad_tolerance=tolerance)
+    # The two paths sum the loss head's gradient over the 49152-token vocabulary in other orders (and the BLAS may
+    # pick other kernels for the chunks' shapes); 30 layers then carry that difference back to each adapter.
+    assert_same_loss_and_gradients(
+        module.model, {"input_ids": ids}, labels, chunk_size=64, grad_terms=49152, grad_sums_in_a_row=2
+    )

@@ -14,6 +14,7 @@ import torch
 from hub_server import make_adapter, pickle_only_adapter
 from safetensors.torch import load_file, save_file
 from tiny import save_tiny_model
+from tolerance import TINY_FORWARD, assert_close_reordered
 
 from lightning_peft.errors import ConfigError
 from lightning_peft.serving import AdapterServer
@@ -58,7 +59,7 @@ def test_mixed_batch_equals_each_row_alone(server, tiny_model_dir, lora):
     for i, (prompt, name) in enumerate(zip(PROMPTS, rows, strict=True)):
         ids = server.tokenizer(prompt, return_tensors="pt")["input_ids"]
         expected = reference_logits(tiny_model_dir, lora[name] if name else None, ids)
-        assert torch.allclose(mixed[i, -ids.shape[1] :], expected, atol=1e-5), (i, name)
+        assert_close_reordered(mixed[i, -ids.shape[1] :], expected, **TINY_FORWARD, msg=str((i, name)))
     # Different adapters really do give different logits, so the equality above is not trivial.
     same_prompt = server.forward(server.encode(["hello"] * 4), adapters=["a0", "a1", "a2", "base"]).logits
     assert min((same_prompt[i] - same_prompt[j]).abs().max() for i in range(4) for j in range(i)) > 1e-2
@@ -86,7 +87,7 @@ def test_mixed_paths_concatenated_and_peft(server, tiny_model_dir, lora, tmp_pat
         patch.setattr(Linear, "_mixed_batch_forward", refuse)
         concatenated = server.forward(batch, rows).logits
     server.concatenate_mixed = False
-    assert torch.allclose(server.forward(batch, rows).logits, concatenated, atol=1e-5)
+    assert_close_reordered(server.forward(batch, rows).logits, concatenated, **TINY_FORWARD)
     server.concatenate_mixed = True
     # A LoRA bias is not in the concatenation: PEFT's adapter_names path, with the same guarantee.
     biased = make_adapter(tmp_path / "bias", tiny_model_dir, seed=8, lora_bias=True)
@@ -96,7 +97,7 @@ def test_mixed_paths_concatenated_and_peft(server, tiny_model_dir, lora, tmp_pat
     for i, (prompt, name) in enumerate(zip(PROMPTS, rows, strict=True)):
         ids = server.tokenizer(prompt, return_tensors="pt")["input_ids"]
         folder = {"bias": biased, "a0": lora["a0"]}.get(name)
-        assert torch.allclose(mixed[i, -ids.shape[1] :], reference_logits(tiny_model_dir, folder, ids), atol=1e-5)
+        assert_close_reordered(mixed[i, -ids.shape[1] :], reference_logits(tiny_model_dir, folder, ids), **TINY_FORWARD)
     # Beam search repeats rows inside generate: PEFT's path handles that too.
     rows = ["a1", "a0", "a2", "base"]
     beams = server.generate_ids(PROMPTS, rows, max_new_tokens=5, num_beams=2)
@@ -109,18 +110,18 @@ def test_activate_switches_and_base_runs_alone(server, tiny_model_dir, lora):
     ids = server.tokenizer("switch me", return_tensors="pt")["input_ids"]
     batch = {"input_ids": ids}
     assert server.active is None
-    assert torch.allclose(server.forward(batch).logits[0], reference_logits(tiny_model_dir, None, ids), atol=1e-5)
+    assert_close_reordered(server.forward(batch).logits[0], reference_logits(tiny_model_dir, None, ids), **TINY_FORWARD)
     for name in ("a1", "a0", "a2", "a1"):
         server.activate(name)
         assert server.active == name
         expected = reference_logits(tiny_model_dir, lora[name], ids)
-        assert torch.allclose(server.forward(batch).logits[0], expected, atol=1e-5), name
+        assert_close_reordered(server.forward(batch).logits[0], expected, **TINY_FORWARD, msg=str(name))
         with server.base():
             base_logits = server.forward(batch, adapters=None).logits[0]
-        assert torch.allclose(base_logits, reference_logits(tiny_model_dir, None, ids), atol=1e-5)
+        assert_close_reordered(base_logits, reference_logits(tiny_model_dir, None, ids), **TINY_FORWARD)
     server.activate("base")
     assert server.active is None
-    assert torch.allclose(server.forward(batch).logits[0], reference_logits(tiny_model_dir, None, ids), atol=1e-5)
+    assert_close_reordered(server.forward(batch).logits[0], reference_logits(tiny_model_dir, None, ids), **TINY_FORWARD)
 
 
 def test_fast_switch_sets_the_same_state_as_peft(server):
@@ -149,8 +150,8 @@ def test_unload(server, tiny_model_dir, lora):
     server.unload("a1")
     assert server.names == ["a0", "a2"] and server.active is None
     ids = server.tokenizer("gone", return_tensors="pt")["input_ids"]
-    assert torch.allclose(
-        server.forward({"input_ids": ids}).logits[0], reference_logits(tiny_model_dir, None, ids), atol=1e-5
+    assert_close_reordered(
+        server.forward({"input_ids": ids}).logits[0], reference_logits(tiny_model_dir, None, ids), **TINY_FORWARD
     )
     with pytest.raises(ConfigError, match=r"Adapter 'a1' is not loaded \(loaded: a0, a2\); load it first"):
         server.generate(["x"], ["a1"])
@@ -159,7 +160,7 @@ def test_unload(server, tiny_model_dir, lora):
     assert server.names == []
     server.load("a1", lora["a1"])
     expected = reference_logits(tiny_model_dir, lora["a1"], ids)
-    assert torch.allclose(server.forward({"input_ids": ids}, "a1").logits[0], expected, atol=1e-5)
+    assert_close_reordered(server.forward({"input_ids": ids}, "a1").logits[0], expected, **TINY_FORWARD)
 
 
 def merged_by_hand(base_dir, parts):
@@ -189,7 +190,7 @@ def test_combine_cat_is_the_weighted_sum_of_deltas(server, tiny_model_dir, lora)
     with torch.no_grad():
         expected = manual(input_ids=ids).logits[0]
     combined = server.forward({"input_ids": ids}, "mix").logits[0]
-    assert torch.allclose(combined, expected, atol=1e-5)
+    assert_close_reordered(combined, expected, **TINY_FORWARD)
     assert (combined - server.forward({"input_ids": ids}, "a0").logits[0]).abs().max() > 1e-2
     assert "mix" in server.names and server.active is None
 
@@ -212,7 +213,7 @@ def test_combine_linear_follows_its_formula(server, tiny_model_dir, lora):
     ids = server.tokenizer("linear", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = manual(input_ids=ids).logits[0]
-    assert torch.allclose(server.forward({"input_ids": ids}, "lin").logits[0], expected, atol=1e-5)
+    assert_close_reordered(server.forward({"input_ids": ids}, "lin").logits[0], expected, **TINY_FORWARD)
 
 
 def test_combine_errors(server, tiny_model_dir, lora, tmp_path):
@@ -244,7 +245,7 @@ def test_mixed_batch_with_dora_and_different_ranks(tiny_model_dir, lora, tmp_pat
     for i, (prompt, name) in enumerate(zip(PROMPTS, rows, strict=True)):
         ids = server.tokenizer(prompt, return_tensors="pt")["input_ids"]
         folder = {"r4": lora["r4"], "dora": dora}.get(name)
-        assert torch.allclose(mixed[i, -ids.shape[1] :], reference_logits(tiny_model_dir, folder, ids), atol=1e-5)
+        assert_close_reordered(mixed[i, -ids.shape[1] :], reference_logits(tiny_model_dir, folder, ids), **TINY_FORWARD)
         alone = server.generate_ids([prompt], name, max_new_tokens=10)[0]
         assert torch.equal(generated[i, : len(alone)], alone)
 
@@ -261,9 +262,9 @@ def test_adapter_with_modules_to_save(tiny_model_dir, lora, tmp_path):
         ids = server.tokenizer(prompt, return_tensors="pt")["input_ids"]
         folder = {"head": head, "a0": lora["a0"]}.get(name)
         expected = reference_logits(tiny_model_dir, folder, ids)
-        assert torch.allclose(mixed[i, -ids.shape[1] :], expected, atol=1e-5)
+        assert_close_reordered(mixed[i, -ids.shape[1] :], expected, **TINY_FORWARD)
         server.activate(name)
-        assert torch.allclose(server.forward({"input_ids": ids}).logits[0], expected, atol=1e-5)
+        assert_close_reordered(server.forward({"input_ids": ids}).logits[0], expected, **TINY_FORWARD)
 
 
 def test_quantized_base_serves_mixed_batches(tiny_model_dir, lora):
@@ -278,7 +279,7 @@ def test_quantized_base_serves_mixed_batches(tiny_model_dir, lora):
         alone = server.generate_ids([prompt], name, max_new_tokens=8)[0]
         assert torch.equal(mixed[i, : len(alone)], alone)
         row_logits = server.forward(server.encode([prompt]), name).logits[0]
-        assert torch.allclose(logits[i, -row_logits.shape[0] :], row_logits, atol=1e-5)
+        assert_close_reordered(logits[i, -row_logits.shape[0] :], row_logits, **TINY_FORWARD)
 
 
 # ---- checks before loading -------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def test_first_adapter_that_fails_to_load_leaves_the_base_untouched(tiny_model_d
     server.load("a0", lora["a0"])
     ids = server.tokenizer("ok", return_tensors="pt")["input_ids"]
     expected = reference_logits(tiny_model_dir, lora["a0"], ids)
-    assert torch.allclose(server.forward({"input_ids": ids}, "a0").logits[0], expected, atol=1e-5)
+    assert_close_reordered(server.forward({"input_ids": ids}, "a0").logits[0], expected, **TINY_FORWARD)
 
 
 def test_non_lora_and_pickle_adapters_are_refused(server, tiny_model_dir, lora, tmp_path):
@@ -417,7 +418,7 @@ def test_registry_reference_is_pulled_once_and_fingerprint_checked(adapter, tiny
     assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     ids = server.tokenizer("pulled", return_tensors="pt")["input_ids"]
     expected = reference_logits(tiny_model_dir, adapter, ids)
-    assert torch.allclose(server.forward({"input_ids": ids}, "caps").logits[0], expected, atol=1e-5)
+    assert_close_reordered(server.forward({"input_ids": ids}, "caps").logits[0], expected, **TINY_FORWARD)
     with pytest.raises(ConfigError, match=r"No published version satisfies '\^2'"):
         server.load("v2", "acme/caps@^2")
     with pytest.raises(ConfigError, match="acme/none has no published version in local registry"):

@@ -60,10 +60,8 @@ def _config(
         "lr_scheduler": "constant",
         "quantization": quantization,
     }
-    if sgd:
-        (tmp_path / "sgd_module.py").write_text(SGD_MODULE)
-        # Gradients here are ~1e-2: a rate that moves LoRA B well away from its zero start in 3 steps.
-        model = {"class_path": "sgd_module.SGDPeftCausalLM", "init_args": {**model, "learning_rate": 1.0}}
+    if sgd:  # see helpers.SGDPeftCausalLM; gradients here are ~1e-3: a rate that moves LoRA B off zero in 3 steps
+        model = {"class_path": "helpers.SGDPeftCausalLM", "init_args": {**model, "learning_rate": 1.0}}
     config = {
         "model": model,
         "data": {"train_file": str(data), "max_length": 64, "batch_size": batch_size},
@@ -74,28 +72,12 @@ def _config(
     return path
 
 
-# SGD with momentum: each step moves the adapter by a fixed linear combination of the gradients so far, so a
-# difference in the gradients shows as it is (and the momentum is optimizer state that a resume restores). AdamW
-# divides by the gradient's running RMS: a gradient near its eps (1e-8) turns a rounding difference of 1e-10 into
-# a change of ~1% of lr, and a gradient scaled by 2 (a wrong average) into the same step as before.
-SGD_MODULE = """
-import torch
-from lightning_peft import PeftCausalLM
-
-
-class SGDPeftCausalLM(PeftCausalLM):
-    def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.SGD(trainable, lr=self.hparams.learning_rate, momentum=0.5)
-"""
+TESTS = str(Path(__file__).parent)
 
 
 def _fit(config, *args):
-    # The config's folder is importable (the SGD subclass lives there), as a user's project folder would be.
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(config).parent), os.environ.get("PYTHONPATH")])),
-    }
+    # The tests folder is importable (helpers.SGDPeftCausalLM), as a user's project folder would be.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "lightning_peft", "fit", "--config", str(config), *args],
         capture_output=True,
@@ -104,8 +86,14 @@ def _fit(config, *args):
     )
 
 
-def _adapter(path):
-    return load_file(path / "adapter" / "adapter_model.safetensors")
+def _run_folder(root, version=-1):
+    """A run's folder under `default_root_dir` (no logger: `lightning_logs/version_N`), the newest by default."""
+    folders = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return folders[version]
+
+
+def _adapter(root):
+    return load_file(_run_folder(root) / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize(("preset", "quantization"), [("FSDP2", "none"), ("DDP", "none"), ("FSDP2", "4bit")])
@@ -131,7 +119,7 @@ def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_dir, preset, q
         assert_close_reordered(got[key], tensor, n_terms=64, sums_in_a_row=5 * 6, msg=key)
         if "lora_B" in key:
             assert tensor.abs().max() > 1e-4, "LoRA B starts at zero: training moved it"
-    config = json.loads((tmp_path / "multi" / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((_run_folder(tmp_path / "multi") / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4
 
 
@@ -154,7 +142,7 @@ def test_fsdp2_resumes_from_its_adapter_checkpoint(tmp_path, tiny_model_dir):
     assert whole.returncode == 0, whole.stderr
     first = _fit(_config(tmp_path, tiny_model_dir, "parts", max_steps=2, checkpoints=True, **run))
     assert first.returncode == 0, first.stderr
-    checkpoints = tmp_path / "parts" / "checkpoints"
+    checkpoints = _run_folder(tmp_path / "parts") / "checkpoints"
     (last,) = [p for p in checkpoints.iterdir() if p.name.startswith("last")]
     state = load_file(last / "adapter_model.safetensors")
     assert state.keys() == _adapter(tmp_path / "whole").keys(), "the checkpoint holds the whole adapter"

@@ -40,3 +40,9 @@ def assert_close_reordered(
     scale = want.detach().abs().max().item()
     atol = reordering_tolerance(n_terms, sums_in_a_row, want.dtype) * scale
     torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=msg)
+
+
+# One forward pass of the tiny Llama (tests/tiny.py): its longest sums have 64 terms (the MLP's down projection),
+# and each logit comes out of about 16 sums in a row (per layer: q/k/v, scores, softmax, values, o, gate/up,
+# down; then the lm_head).
+TINY_FORWARD = {"n_terms": 64, "sums_in_a_row": 16}

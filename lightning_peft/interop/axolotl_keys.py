@@ -10,7 +10,7 @@ from __future__ import annotations
 # check each against its original: data.formats, data.readers, module.PeftCausalLM).
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+ATTENTION = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 ADAPTER_TYPES = ("lora", "qlora")
 # transformers' OptimizerNames (Axolotl's `optimizer`) → PeftCausalLM.optimizer.

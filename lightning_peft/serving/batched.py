@@ -25,9 +25,12 @@ if TYPE_CHECKING:
 def batchable(layers: Sequence[Any], names: Sequence[str]) -> bool:
     """Whether every LoRA layer holds `names` as plain LoRA on a linear layer (what the concatenation computes)."""
     import torch
+    from peft.tuners.lora import ParamWrapper
 
     for layer in layers:
         present = [n for n in names if n in getattr(layer, "lora_A", {})]
+        if present and isinstance(layer, ParamWrapper):  # MoE experts see routed tokens, not the batch's rows
+            return False
         if any(n in getattr(layer, "lora_embedding_A", {}) for n in names):
             return False
         for name in present:

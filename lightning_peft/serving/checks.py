@@ -1,7 +1,10 @@
 """Checks before an adapter is loaded onto a served base, or adapters are combined; no weights are read.
 
 An adapter's tensors are matched to the base's modules from the safetensors header alone: each LoRA tensor must
-name a module the base has, of the right kind, with the right number of input / output features.
+name a module the base has, of the right kind, with the right number of input / output features. Besides linear
+layers (GPT-2's `Conv1D` included) LoRA can target parameters (`target_parameters`, which PEFT's `all-linear`
+uses for the fused 3-D expert weights of transformers 5 MoE blocks): PEFT then nests one `ParamWrapper` per
+parameter, so its tensors sit under `<module>(.base_layer)*` and must fit one of that module's parameters.
 """
 
 from __future__ import annotations
@@ -24,19 +27,29 @@ _LORA_KEYS = re.compile(
 
 
 def module_shapes(model: torch.nn.Module) -> dict[str, tuple[str, int, int]]:
-    """Module path → (kind, in, out) for the layers an adapter can target (bitsandbytes layers included)."""
+    """Path → (kind, in, out) for what an adapter can target (bitsandbytes layers included).
+
+    Modules are keyed by their path; the matrix parameters of other modules (kind "parameter", the sizes of
+    their last two axes) by `<module>.<parameter>`, since PEFT's `target_parameters` can adapt them.
+    """
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):
             shapes[name] = ("embedding", module.num_embeddings, module.embedding_dim)
+        elif isinstance(module, Conv1D):  # GPT-2: a linear layer whose weight is stored (in, out)
+            shapes[name] = ("linear", module.nx, module.nf)
         elif isinstance(getattr(module, "in_features", None), int) and isinstance(
             getattr(module, "out_features", None), int
         ):
             shapes[name] = ("linear", module.in_features, module.out_features)
         elif name:
             shapes[name] = ("other", 0, 0)
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.dim() in (2, 3):
+                    shapes[f"{name}.{param_name}"] = ("parameter", *param.shape[-2:])
     return shapes
 
 
@@ -85,13 +98,15 @@ def _tensor_problems(key: str, info: dict[str, Any], shapes: dict[str, tuple[str
     match = _LORA_KEYS.match(path)
     # modules_to_save copies and trainable-token rows (`token_adapter`) sit under the module they belong to.
     module = match["module"] if match else re.sub(r"\.(modules_to_save|token_adapter)\b", "", path.rsplit(".", 1)[0])
-    if module not in shapes:
+    if _owner(module) not in shapes:
         return [f"tensor {key} targets {module}, which the base does not have"]
     if not match:
         return []  # modules_to_save, trainable tokens and other extras: PEFT checks their shapes when it loads them
-    kind, fan_in, fan_out = shapes[module]
     shape = list(info["shape"])
     part = match["part"]
+    if module not in shapes or shapes[module][0] == "other":
+        return _parameter_problems(key, module, part, shape, shapes)
+    kind, fan_in, fan_out = shapes[module]
     expected = {
         "lora_A.weight": (1, fan_in),
         "lora_B.weight": (0, fan_out),
@@ -100,13 +115,37 @@ def _tensor_problems(key: str, info: dict[str, Any], shapes: dict[str, tuple[str
         "lora_embedding_B": (0, fan_out),
     }.get(part, (0, fan_out))
     axis, size = expected
-    if kind == "other" or (part.startswith("lora_embedding") != (kind == "embedding")):
+    if part.startswith("lora_embedding") != (kind == "embedding"):
         return [
             f"tensor {key} is LoRA for a {'embedding' if 'embedding' in part else 'linear'} layer but {module} is not one"
         ]
     if len(shape) <= axis or shape[axis] != size:
         side = "input" if part.endswith("A.weight") or part == "lora_embedding_A" else "output"
         return [f"{module} has {size} {side} features, the adapter's {part} has shape {shape}"]
+    return []
+
+
+def _owner(module: str) -> str:
+    """The base's module a LoRA tensor belongs to: nested `ParamWrapper`s add `.base_layer` to the path."""
+    return re.sub(r"(\.base_layer)+$", "", module)
+
+
+def _parameter_problems(
+    key: str, module: str, part: str, shape: list[int], shapes: dict[str, tuple[str, int, int]]
+) -> list[str]:
+    """Problems of a tensor of a `target_parameters` adapter (PEFT's `ParamWrapper`) on `module`.
+
+    Which of a module's parameters a nested wrapper adapts depends on PEFT's nesting order, so a tensor must
+    fit one of them: its input (lora_A) or output (lora_B) size is one of that parameter's two matrix sizes
+    (PEFT swaps them for expert weights stored (experts, out, in)).
+    """
+    owner = _owner(module)
+    sizes = [dims for path, (kind, *dims) in shapes.items() if kind == "parameter" and path.rpartition(".")[0] == owner]
+    if part not in ("lora_A.weight", "lora_B.weight") or not sizes:
+        return [f"tensor {key} is LoRA for a linear layer or a matrix parameter but {owner} has none"]
+    axis = 1 if part == "lora_A.weight" else 0
+    if len(shape) != 2 or not any(shape[axis] in dims for dims in sizes):
+        return [f"the adapter's {key} has shape {shape}, which fits none of the parameters of {owner} {sizes}"]
     return []
 
 

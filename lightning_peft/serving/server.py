@@ -3,8 +3,8 @@
 One `peft.PeftModel` holds every adapter. A batch whose rows all use one adapter runs on PEFT's ordinary path
 with that adapter active; a batch that mixes plain LoRA adapters adds each row's own delta in every layer through
 `ConcatenatedLora` (see `batched.py`), other mixes use PEFT's `adapter_names`; either equals running each row
-alone. PEFT cannot mix DoRA adapters or adapters with `modules_to_save` in one batch: such a batch runs once per
-adapter instead, with the same results.
+alone. PEFT cannot mix DoRA adapters, adapters with `modules_to_save` or adapters on parameters (MoE experts) in
+one batch: such a batch runs once per adapter instead, with the same results.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class AdapterServer:
         registry: Where registry references (`org/name@^1`) are pulled from: a `Registry`, `hf`, a URL or a
             folder (default: `$LPEFT_REGISTRY` or the default local registry).
         cache_dir: Where pulled packages are kept (default: `<lightning_peft cache>/adapters`).
-        attn_implementation: The transformers attention backend.
+        attn_implementation: The transformers attention backend ("auto": the best one the model implements).
 
     Attributes:
         concatenate_mixed: Run mixed batches of plain LoRA adapters through `ConcatenatedLora` (default);
@@ -69,7 +69,7 @@ class AdapterServer:
         device: str | None = None,
         registry: Any = None,
         cache_dir: str | os.PathLike | None = None,
-        attn_implementation: str | None = "sdpa",
+        attn_implementation: str | None = "auto",
     ) -> None:
         import torch
 
@@ -510,10 +510,12 @@ class AdapterServer:
         """Rows by adapter when PEFT cannot mix these adapters in one batch; None when it can.
 
         PEFT refuses DoRA in mixed batches, and its modules_to_save wrapper fails on a row whose adapter has no
-        copy of that module (peft 0.21).
+        copy of that module (peft 0.21). LoRA on parameters (`target_parameters`: MoE experts) sees the tokens
+        routed to each expert, not the batch's rows, so no per-row delta can be applied there.
         """
-        dora = any(getattr(self._peft.peft_config[n], "use_dora", False) for n in set(rows) - {BASE})
-        if len(set(rows)) == 1 or not (dora or self._wrapped_modules):
+        configs = [self._peft.peft_config[n] for n in set(rows) - {BASE}]
+        apart = any(getattr(c, "use_dora", False) or getattr(c, "target_parameters", None) for c in configs)
+        if len(set(rows)) == 1 or not (apart or self._wrapped_modules):
             return None
         groups: dict[str, list[int]] = {}
         for index, name in enumerate(rows):
