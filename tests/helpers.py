@@ -33,6 +33,14 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def run_folder(root, version: int = -1):
+    """A run's folder under `default_root_dir` without a local logger (`lightning_logs/version_N`), newest first."""
+    from pathlib import Path
+
+    folders = sorted((Path(root) / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return folders[version]
+
+
 def adapter_tensors(module) -> dict[str, torch.Tensor]:
     """Copies of the adapter's tensors, keyed as in the module's state_dict."""
     keys = module.adapter_state_keys()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quiet_trainer, token_batches
+from helpers import quiet_trainer, run_folder, token_batches
 from lightning.pytorch import seed_everything
 from tiny_families import FAMILIES, VOCAB, build_family_model, save_family_model
 
@@ -313,4 +313,4 @@ def test_cli_fits_gpt_neo_with_its_eager_attention(family_dir, tmp_path):
     (tmp_path / "run.yaml").write_text(json.dumps(config))
     result = lpeft("fit", "--config", tmp_path / "run.yaml")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "runs" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_folder(tmp_path / "runs") / "adapter" / "adapter_model.safetensors").is_file()

@@ -37,7 +37,7 @@ def test_lora_learns_the_answer_format_and_reloads_with_plain_peft(smollm2_dir, 
     after = module.evaluate(data.val_dataloader())
     assert after["loss"] < 0.8 * before["loss"], (before, after)
 
-    reloaded = PeftModel.from_pretrained(load_base_model("smollm2-135m-instruct"), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(load_base_model("smollm2-135m-instruct"), module.final_adapter_dir).eval()
     module.model.eval()
     ids = data.tokenizer("What is the capital of Peru?", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -107,7 +107,7 @@ def test_our_adapter_loads_with_peft_and_auto_peft_identically(adapter, tiny_mod
     torch.manual_seed(0)
     module = PeftCausalLM(str(tiny_model_dir), adapter=adapter, learning_rate=5e-2, lr_scheduler="constant")
     quiet_trainer(tmp_path, max_steps=2).fit(module, train_dataloaders=token_batches())
-    folder = tmp_path / "adapter"
+    folder = module.final_adapter_dir
     assert (folder / "adapter_config.json").is_file()
     ours = logits(module.model)
     # The in-memory adapter was trained: it no longer gives the base's logits.

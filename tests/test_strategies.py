@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_folder
 from safetensors.torch import load_file
 from tolerance import assert_close_reordered
 
@@ -86,14 +87,8 @@ def _fit(config, *args):
     )
 
 
-def _run_folder(root, version=-1):
-    """A run's folder under `default_root_dir` (no logger: `lightning_logs/version_N`), the newest by default."""
-    folders = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    return folders[version]
-
-
 def _adapter(root):
-    return load_file(_run_folder(root) / "adapter" / "adapter_model.safetensors")
+    return load_file(run_folder(root) / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize(("preset", "quantization"), [("FSDP2", "none"), ("DDP", "none"), ("FSDP2", "4bit")])
@@ -119,7 +114,7 @@ def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_dir, preset, q
         assert_close_reordered(got[key], tensor, n_terms=64, sums_in_a_row=5 * 6, msg=key)
         if "lora_B" in key:
             assert tensor.abs().max() > 1e-4, "LoRA B starts at zero: training moved it"
-    config = json.loads((_run_folder(tmp_path / "multi") / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((run_folder(tmp_path / "multi") / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4
 
 
@@ -142,7 +137,7 @@ def test_fsdp2_resumes_from_its_adapter_checkpoint(tmp_path, tiny_model_dir):
     assert whole.returncode == 0, whole.stderr
     first = _fit(_config(tmp_path, tiny_model_dir, "parts", max_steps=2, checkpoints=True, **run))
     assert first.returncode == 0, first.stderr
-    checkpoints = _run_folder(tmp_path / "parts") / "checkpoints"
+    checkpoints = run_folder(tmp_path / "parts") / "checkpoints"
     (last,) = [p for p in checkpoints.iterdir() if p.name.startswith("last")]
     state = load_file(last / "adapter_model.safetensors")
     assert state.keys() == _adapter(tmp_path / "whole").keys(), "the checkpoint holds the whole adapter"
