@@ -20,11 +20,12 @@ install-dev:
 quickstart: install
 	lpeft fit --config examples/quickstart.yaml
 
+# One test process per CPU core (pytest-xdist): most tests wait on process start-up, not arithmetic.
 test: install-dev
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n auto
 
 test-fast:
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -n auto -m "not slow"
 
 lint:
 	ruff check . && ruff format --check .
