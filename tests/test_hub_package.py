@@ -56,6 +56,8 @@ def test_package_files_and_manifest(package, tiny_model_dir):
         "revision": None,
         "fingerprint": fingerprint(tiny_model_dir),
         "fingerprint_method": "lpeft-base-v1",
+        "weights": None,  # the folder's own files (a built-in alias would say which build it loads)
+        "alias": None,
     }
     adapter = manifest["adapter"]
     assert adapter["method"] == "LORA" and adapter["hyperparameters"]["r"] == 2 and adapter["parameters"] > 0
@@ -95,8 +97,13 @@ def test_model_card_round_trips_with_the_metadata(package):
     assert data["library_name"] == "peft" and data["pipeline_tag"] == "text-generation"
     assert data["license"] == "apache-2.0" and data["datasets"] == ["acme/capitals-qa"]
     assert "lightning-peft" in data["tags"]
-    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert results == {"val_acc": 0.625, "val_loss": 1.5, "val_ppl": 4.48169}
+    # The Hub's metric vocabulary, the split in dataset.split.
+    results = {(r.metric_type, r.dataset_split, r.metric_name): r.metric_value for r in card.data.eval_results}
+    assert results == {
+        ("accuracy", "validation", "validation accuracy"): 0.625,
+        ("loss", "validation", "validation loss"): 1.5,
+        ("perplexity", "validation", "validation perplexity"): 4.48169,
+    }
     assert str(ModelCard(str(card))) == str(card)
     for section in ("## How to use", "## Training", "## Evaluation", "## Version history", "## Files", "vllm serve"):
         assert section in text

@@ -117,3 +117,19 @@ def test_the_smollm2_alias_is_cached_as_plain_safetensors(smollm2_dir):
     assert config["vocab_size"] == 49152
     model = models.load_base_model("smollm2-135m-instruct", quantization="4bit")
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_adapters_name_their_base_by_hub_id_and_find_the_alias_again(tiny_model_dir, monkeypatch):
+    from lightning_peft.models import _alias_dir, portable_base_name, recorded_base_source
+
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # The alias's cache folder is this machine's path: an adapter records the Hub id it was converted from.
+    assert portable_base_name(_alias_dir("smollm2-135m-instruct")) == hub_id
+    assert portable_base_name("acme/tiny") == "acme/tiny"
+    assert portable_base_name(tiny_model_dir) == str(tiny_model_dir)  # a folder with no known Hub id: as given
+    # Reading an adapter back: the alias's Hub id loads the alias (its weights) where its package is installed.
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())
+    assert recorded_base_source(hub_id) == "smollm2-135m-instruct"
+    assert recorded_base_source("acme/tiny") == "acme/tiny"
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    assert recorded_base_source(hub_id) == hub_id

@@ -21,6 +21,8 @@ CARD_FILE = "README.md"
 _METHOD_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "IA3": "IA³", "LOHA": "LoHa", "LOKR": "LoKr"}
 _DATA_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SPLITS = {"val": "validation", "test": "test"}
+# Our metric names (`val_ppl`) in the Hub's metric vocabulary (model-index `metrics[].type`).
+_HUB_METRICS = {"loss": "loss", "ppl": "perplexity", "acc": "accuracy"}
 
 
 def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_note: str | None) -> str:
@@ -69,8 +71,8 @@ def _card_data(manifest: dict[str, Any]) -> Any:
             dataset_type=data_type,
             dataset_name=data_name,
             dataset_split=_SPLITS.get(metric.split("_", 1)[0]),
-            metric_type=metric,
-            metric_name=metric,
+            metric_type=_hub_metric(metric),
+            metric_name=f"{_SPLITS.get(metric.split('_', 1)[0], '')} {_hub_metric(metric)}".strip(),
             metric_value=value,
         )
         for metric, value in sorted(manifest["evaluation"].items())
@@ -87,6 +89,12 @@ def _card_data(manifest: dict[str, Any]) -> Any:
         eval_results=results or None,
         **extra,
     )
+
+
+def _hub_metric(metric: str) -> str:
+    """`val_ppl` -> `perplexity`: the metric's kind in the Hub's vocabulary (the split goes in `dataset.split`)."""
+    kind = metric.split("_", 1)[-1]
+    return _HUB_METRICS.get(kind, kind)
 
 
 def _eval_dataset(manifest: dict[str, Any]) -> tuple[str, str]:
@@ -125,6 +133,7 @@ def _overview(manifest: dict[str, Any]) -> str:
             manifest["version"] + (f" (follows {manifest['parent_version']})" if manifest["parent_version"] else ""),
         ),
         ("Base model", _base_link(manifest) + (f" at revision `{base['revision']}`" if base.get("revision") else "")),
+        *([("Base weights", base["weights"])] if base.get("weights") else []),
         ("Base fingerprint", f"`{base['fingerprint']}`"),
         ("Method", f"{_method(manifest)} ({_short_hparams(manifest['adapter']['hyperparameters'])})"),
         ("License", manifest.get("license") or "none given by the author"),
@@ -147,6 +156,8 @@ def _usage(manifest: dict[str, Any]) -> str:
     name, version = manifest["name"], manifest["version"]
     base = manifest["base_model"]["id"] or "path/to/the/base-model"
     short = name.split("/")[-1]
+    if manifest["base_model"].get("alias"):
+        return _alias_usage(manifest, base, short)
     peft = (
         "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
@@ -164,6 +175,21 @@ def _usage(manifest: dict[str, Any]) -> str:
     else:
         vllm = "vLLM cannot load this adapter as it is: " + " ".join(serving["problems"])
     return f"## How to use\n\nWith PEFT:\n\n{peft}\n\nWith lightning-peft:\n\n{lpeft}\n\nWith vLLM:\n\n{vllm}"
+
+
+def _alias_usage(manifest: dict[str, Any], base: str, short: str) -> str:
+    """Usage for an adapter trained on a built-in alias: load that same base, so the logits are the trained ones."""
+    name, version, alias = manifest["name"], manifest["version"], manifest["base_model"]["alias"]
+    return (
+        f"## How to use\n\nThis adapter was trained on {manifest['base_model']['weights']}, not on the files of "
+        f"`{base}` itself: load that same base to get the logits it was trained for (lightning-peft converts it "
+        f"from the package once, offline). `{base}`'s own weights are close but not identical.\n\n"
+        "```python\nfrom peft import PeftModel\nfrom lightning_peft.models import load_base_model, load_tokenizer\n\n"
+        f'base = load_base_model("{alias}")  # the built-in alias of {base}\n'
+        f'tokenizer = load_tokenizer("{alias}")\n'
+        f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```\n\n'
+        f"```bash\nlpeft pull {name}@{version} --to adapters/{short}  # checks checksums and the base fingerprint\n```"
+    )
 
 
 def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:

@@ -36,11 +36,15 @@ class BaseModel:
         path: The local folder holding config.json and the safetensors weights.
         hub_id: Its Hugging Face Hub id when known (None for a folder of unknown origin).
         revision: The Hub commit of those files when known (a Hub cache snapshot).
+        weights: What the weights are when they are not the Hub id's own files (a built-in alias's GGUF build).
+        alias: The built-in alias that loads exactly these weights, if the base is one.
     """
 
     path: Path
     hub_id: str | None
     revision: str | None = None
+    weights: str | None = None
+    alias: str | None = None
 
 
 def locate_base(name_or_path: str, *, hub_id: str | None = None) -> BaseModel:
@@ -53,11 +57,17 @@ def locate_base(name_or_path: str, *, hub_id: str | None = None) -> BaseModel:
     Raises:
         ConfigError: the model is not on this machine.
     """
-    from lightning_peft.models import hub_id_for, resolve_model
+    from lightning_peft.models import alias_for, hub_id_for, recorded_base_source, resolve_model
 
-    resolved = resolve_model(name_or_path)
+    resolved = resolve_model(recorded_base_source(name_or_path))
     if Path(resolved).is_dir():
-        return BaseModel(Path(resolved), hub_id or hub_id_for(name_or_path) or _hub_id_of_cache_path(resolved))
+        alias = alias_for(resolved)
+        return BaseModel(
+            Path(resolved),
+            hub_id or hub_id_for(name_or_path) or _hub_id_of_cache_path(resolved),
+            weights=alias.weights_note if alias else None,
+            alias=alias.name if alias else None,
+        )
     snapshot = _cached_snapshot(resolved)
     if snapshot is None:
         raise ConfigError(

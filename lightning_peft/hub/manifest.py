@@ -5,7 +5,8 @@ same bytes; only `created_at` changes between two packagings of the same inputs 
 `SOURCE_DATE_EPOCH` is set). It lists every other file of the package with its sha256 and size — not itself.
 
 Top-level keys: format, format_version, name, version, parent_version, created_at, message, license,
-base_model {id, revision, fingerprint, fingerprint_method}, adapter {method, task_type, hyperparameters},
+base_model {id, revision, fingerprint, fingerprint_method, weights and alias (null, or what the weights are when
+not the id's own files, and the built-in alias that loads them)}, adapter {method, task_type, hyperparameters},
 files [{path, sha256, size}], training {summary, hyperparameters, sources}, evaluation {metric: value},
 datasets {hub, files}, libraries {package: version}, serving {vllm_compatible, problems, notes}, history
 (the versions published before this one, newest first).

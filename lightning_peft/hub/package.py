@@ -249,6 +249,8 @@ def _manifest(
             "revision": base.revision,
             "fingerprint": base_fingerprint,
             "fingerprint_method": FINGERPRINT_METHOD,
+            "weights": base.weights,
+            "alias": base.alias,
         },
         "adapter": _adapter_section(source),
         "training": {"summary": record.summary, "hyperparameters": record.hyperparameters, "sources": record.sources},
