@@ -33,6 +33,34 @@ def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def write_run_config(tmp_path, tiny_model_dir, *, model=None, data=None, trainer=None, examples: int = 6):
+    """`tmp_path/run.yaml` for `lpeft fit`: 2 steps of LoRA r=2 on the tiny model, no logger, no checkpoints, runs
+    in `tmp_path/runs`; `examples` prompt/completion rows in `tmp_path/train.jsonl`, a third of them (rounded up)
+    for validation. `model`, `data` and `trainer` override or add keys of their sections; a key set to None is
+    left out (the setting's own default then applies)."""
+    import json
+
+    rows = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(examples)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "model": {"model_name_or_path": str(tiny_model_dir), "adapter": {"r": 2}, **(model or {})},
+        "data": {"train_file": str(train), "val_fraction": 0.34, "max_length": 64, "batch_size": 2, **(data or {})},
+        "trainer": {
+            "max_steps": 2,
+            "default_root_dir": str(tmp_path / "runs"),
+            "enable_progress_bar": False,
+            "logger": False,
+            "enable_checkpointing": False,
+            **(trainer or {}),
+        },
+    }
+    config = {section: {k: v for k, v in keys.items() if v is not None} for section, keys in config.items()}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
 def run_folder(root, version: int = -1):
     """A run's folder under `default_root_dir` without a local logger (`lightning_logs/version_N`), newest first."""
     from pathlib import Path

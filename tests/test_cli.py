@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from helpers import write_run_config
 
 from lightning_peft import __version__
 from lightning_peft.cli import cli
@@ -51,23 +52,7 @@ def test_fit_help_documents_the_model_and_data(capsys):
 
 
 def write_config(tmp_path, tiny_model_dir, **model):
-    rows = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(6)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {
-        "model": {"model_name_or_path": str(tiny_model_dir), "adapter": {"r": 2}, **model},
-        "data": {"train_file": str(data), "val_fraction": 0.34, "max_length": 64, "batch_size": 2},
-        "trainer": {
-            "max_steps": 2,
-            "default_root_dir": str(tmp_path / "runs"),
-            "enable_progress_bar": False,
-            "logger": False,
-            "enable_checkpointing": False,
-        },
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
+    return write_run_config(tmp_path, tiny_model_dir, model=model)
 
 
 def lpeft(*args, cwd=None):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_folder
+from helpers import run_folder, write_run_config
 from hub_server import FakeHub
 
 REPO = "acme/chats"
@@ -89,20 +89,9 @@ def environment(hub: FakeHub, tmp_path: Path, offline: bool = False) -> dict[str
 
 
 def write_config(tmp_path: Path, tiny_model_dir: Path, data: dict) -> Path:
-    config = {
-        "model": {"model_name_or_path": str(tiny_model_dir), "adapter": {"r": 2}},
-        "data": {"max_length": 64, "batch_size": 2, **data},
-        "trainer": {
-            "max_steps": 2,
-            "default_root_dir": str(tmp_path / "runs"),
-            "enable_progress_bar": False,
-            "logger": False,
-            "enable_checkpointing": False,
-        },
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
+    # No local train file: every data setting comes from `data` (Hub ids, mixtures).
+    data = {"train_file": None, "val_fraction": None, **data}
+    return write_run_config(tmp_path, tiny_model_dir, data=data)
 
 
 def lpeft(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

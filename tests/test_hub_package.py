@@ -118,9 +118,11 @@ def test_loss_curve_is_a_png(package):
     assert (package.path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_without_run_files_or_hub_id_the_card_says_so(tiny_model_dir, tmp_path):
+def test_without_run_files_or_hub_id_the_card_says_so(tiny_model_dir, tmp_path, caplog):
     adapter = make_adapter(tmp_path / "adapter", tiny_model_dir)
-    result = package_adapter(adapter, tmp_path / "pkg", PackageSpec(name="acme/bare", version="1.0.0"))
+    with caplog.at_level("WARNING", logger="lightning_peft.hub.package"):
+        result = package_adapter(adapter, tmp_path / "pkg", PackageSpec(name="acme/bare", version="1.0.0"))
+    assert "local folder with no known Hub id" in caplog.text and "--base-model-id" in caplog.text
     text = (result.path / "README.md").read_text()
     data = ModelCard.load(result.path / "README.md").data.to_dict()
     assert "base_model" not in data and "base_model_relation" not in data and "model-index" not in data

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import quiet_trainer, token_batches
+from helpers import quiet_trainer, token_batches, write_run_config
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
@@ -56,23 +56,8 @@ def tensorboard_logger(tmp_path):
 def lpeft_fit(tmp_path, tiny_model_dir, logger, *args, examples=6):
     """`lpeft fit` in a new process (as users run it), 2 steps on a tiny model, with `trainer.logger: logger`;
     a third of the `examples` (rounded up) validates."""
-    rows = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(examples)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {
-        "model": {"model_name_or_path": str(tiny_model_dir), "adapter": {"r": 2}},
-        "data": {"train_file": str(data), "val_fraction": 0.34, "max_length": 64, "batch_size": 2},
-        "trainer": {
-            "max_steps": 2,
-            "default_root_dir": str(tmp_path / "runs"),
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-            "logger": logger,
-        },
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(json.dumps(config))
+    trainer = {"enable_model_summary": False, "log_every_n_steps": 1, "logger": logger, "enable_checkpointing": None}
+    path = write_run_config(tmp_path, tiny_model_dir, trainer=trainer, examples=examples)
     env = {
         **os.environ,
         "WANDB_MODE": "offline",

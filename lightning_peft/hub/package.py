@@ -168,6 +168,12 @@ def package_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     if not base_name:
         raise ConfigError(f"{source.path / CONFIG_FILE} names no base model; pass `--base PATH_OR_ALIAS`.")
     base = locate_base(base_name, hub_id=spec.base_model_id)
+    if base.hub_id is None:
+        log.warning(
+            "The base %s is a local folder with no known Hub id: the package names it by this path, which other "
+            "machines do not have; pass --base-model-id ORG/NAME if it is a copy of a Hub model.",
+            base.path,
+        )
     base_fingerprint = fingerprint(base.path)
     record = read_run(source.path, spec.run_dir)
     with staged_folder(Path(out_dir)) as staging:
