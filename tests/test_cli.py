@@ -168,6 +168,7 @@ def config_with(tmp_path, text):
             ["--model.quantization", "3bit"],
             "model.quantization=3bit is not allowed; choose one of: none, 8bit, 4bit",
         ),
+        ("trainer:\n  max_steps: abc\n", [], "{file}: trainer.max_steps=abc is not valid; expected int"),
         ("model:\n  a: [1, 2\ntrainer: {\n", [], "{file}:3:8: invalid YAML: expected ',' or ']', but got ':'"),
     ],
     ids=[
@@ -177,6 +178,7 @@ def config_with(tmp_path, text):
         "flag-unknown",
         "yaml-literal",
         "flag-literal",
+        "yaml-type",
         "yaml-syntax",
     ],
 )

@@ -19,6 +19,7 @@ _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 _NOT_ACCEPTED = re.compile(r"(?:does not accept option|Option) '([^']+)'(?: is not accepted)?")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: --(\S+?)(?:=(\S*)|\s+(\S+))?(?:\s|$)")
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]")
+_EXPECTED = re.compile(r"Expected a (?:<class '([^']+)'>|(\S+?))(?:\.\s|\s*$)", re.MULTILINE)
 _GOT_VALUE = re.compile(r"Got value: (.*)")
 _GIVEN_VALUE = re.compile(r"Given value: (.*)")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
@@ -38,6 +39,8 @@ def one_line(message: str, args: Sequence[str], valid_keys: ValidKeys) -> str:
         return _unknown_key_line(unknown, message, args, valid_keys)
     if _LITERAL.search(message):
         return _literal_line(message, args)
+    if _PARSER_KEY.search(message) and _EXPECTED.search(message):
+        return _type_line(message, args)
     return _first_line(message)
 
 
@@ -77,6 +80,22 @@ def _literal_line(message: str, args: Sequence[str]) -> str:
         value = found.group(1).strip() if found else "?"
     allowed_text = ", ".join(_show(v) for v in allowed)
     return _in_file(file, f"{key}={_show(value)} is not allowed; choose one of: {allowed_text}")
+
+
+def _type_line(message: str, args: Sequence[str]) -> str:
+    """A value of the wrong type (`trainer.max_steps: abc`): the types jsonargparse expected, None left out."""
+    key = _user_key(".".join(_PARSER_KEY.findall(message)))
+    expected: list[str] = []
+    for match in _EXPECTED.finditer(message):
+        # <class 'pathlib.Path'> reads better as Path; typing names (typing.Optional[...]) stay whole.
+        name = match.group(1).rsplit(".", 1)[-1] if match.group(1) else match.group(2)
+        if name not in expected and name != "NoneType":
+            expected.append(name)
+    file, value = _source(key, args)
+    if value is _MISSING:
+        found = _GOT_VALUE.search(message) or _GIVEN_VALUE.search(message)
+        value = found.group(1).strip() if found else "?"
+    return _in_file(file, f"{key}={_show(value)} is not valid; expected {' or '.join(expected) or 'another type'}")
 
 
 def _yaml_error(args: Sequence[str]) -> str | None:

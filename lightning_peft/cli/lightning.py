@@ -63,7 +63,10 @@ def _class_keys(class_path: str) -> list[str]:
     from jsonargparse._util import import_object
 
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(import_object(class_path))
+    try:
+        parser.add_class_arguments(import_object(class_path))
+    except Exception:  # no suggestion is better than losing the error being reported
+        return []
     return [a.dest for a in parser._actions if a.dest not in ("help", "config")]
 
 
