@@ -98,7 +98,91 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
 
 def test_unknown_config_key_is_a_usage_error(tmp_path, tiny_model_dir):
     result = lpeft("fit", "--config", str(write_config(tmp_path, tiny_model_dir)), "--model.learning_rat", "1")
-    assert result.returncode == 2 and "learning_rat" in result.stderr
+    assert result.returncode == 2
+    assert error_line(result) == (
+        "lpeft: error: unknown key model.learning_rat (value 1); did you mean model.learning_rate?"
+    )
+
+
+def error_line(result):
+    """The one error line of a failed run: no usage block, no jsonargparse detail after or around it.
+
+    Lines before it that are not ours (a third-party package's import-time notice) are tolerated."""
+    assert "usage:" not in result.stderr and "Parser key" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("lpeft:")] == lines[-1:], result.stderr
+    return lines[-1]
+
+
+def config_with(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "override", "expected"),
+    [
+        (
+            "model:\n  lerning_rate: 1\n",
+            [],
+            "{file}: unknown key model.lerning_rate (value 1); did you mean model.learning_rate?",
+        ),
+        (
+            "model:\n  init_args:\n    lerning_rate: 1\n",
+            [],
+            "{file}: unknown key model.lerning_rate (value 1); did you mean model.learning_rate?",
+        ),
+        (
+            "trainer:\n  max_stepz: 3\n",
+            [],
+            "{file}: unknown key trainer.max_stepz (value 3); did you mean trainer.max_steps?",
+        ),
+        (
+            "trainer:\n  max_steps: 1\n",
+            ["--data.batchsize", "4"],
+            "unknown key data.batchsize (value 4); did you mean data.batch_size?",
+        ),
+        (
+            "model:\n  quantization: 3bit\n",
+            [],
+            "{file}: model.quantization=3bit is not allowed; choose one of: none, 8bit, 4bit",
+        ),
+        (
+            "trainer:\n  max_steps: 1\n",
+            ["--model.quantization", "3bit"],
+            "model.quantization=3bit is not allowed; choose one of: none, 8bit, 4bit",
+        ),
+        ("trainer:\n  max_steps: abc\n", [], "{file}: trainer.max_steps=abc is not valid; expected int"),
+        ("model:\n  a: [1, 2\ntrainer: {\n", [], "{file}:3:8: invalid YAML: expected ',' or ']', but got ':'"),
+    ],
+    ids=[
+        "yaml-unknown",
+        "yaml-init-args-unknown",
+        "yaml-trainer-unknown",
+        "flag-unknown",
+        "yaml-literal",
+        "flag-literal",
+        "yaml-type",
+        "yaml-syntax",
+    ],
+)
+def test_config_parse_errors_are_one_line(tmp_path, yaml_text, override, expected):
+    file = config_with(tmp_path, yaml_text)
+    result = lpeft("fit", "--config", file, *override)
+    assert result.returncode == 2, result.stderr
+    assert error_line(result).startswith("lpeft: error: " + expected.format(file=file))
+
+
+def test_config_parse_errors_keep_the_detail_under_debug(tmp_path):
+    result = lpeft("--debug", "fit", "--config", config_with(tmp_path, "model:\n  quantization: 3bit\n"))
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "Expected a typing.Literal" in result.stderr
+
+
+def test_fit_help_still_prints_the_full_usage():
+    result = lpeft("fit", "--help")
+    assert result.returncode == 0 and "usage: lpeft" in result.stdout and "--model.help" in result.stdout
 
 
 def test_the_console_script_imports_user_classes_from_the_current_folder():

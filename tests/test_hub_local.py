@@ -194,6 +194,17 @@ def test_pull_errors(adapter, registry, tmp_path, tiny_model_dir):
     assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / MANIFEST_FILE).is_file()
 
 
+@pytest.mark.parametrize("reference", ["acme/none@^^1", "acme/x@1.x"])
+def test_pull_rejects_a_malformed_range_before_any_lookup(registry, tmp_path, reference):
+    # acme/none does not exist: the range is checked first, so its error is the one reported.
+    result = lpeft("pull", reference, "--to", tmp_path / "p", "--registry", registry)
+    spec = reference.partition("@")[2]
+    assert result.exit_code == 2
+    assert f"Version spec {spec!r} is malformed" in error_line(result)
+    assert "^1.2, ~1.2, >=1,<2 or latest" in error_line(result)
+    assert not (tmp_path / "p").exists()
+
+
 def test_base_mismatch_refused_unless_forced(adapter, registry, tmp_path):
     from tiny import save_tiny_model
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
@@ -12,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from typing_extensions import override
 
 from lightning_peft.callbacks import AdapterCheckpoint, MetricHistory, PredictionWriter, RunSummary
+from lightning_peft.cli.config_errors import one_line
 from lightning_peft.data import SFTDataModule
 from lightning_peft.errors import ConfigError
 from lightning_peft.models import auto_precision
@@ -20,6 +22,52 @@ from lightning_peft.run_folder import run_dir, share_version
 from lightning_peft.tokens import tokenizer_source
 
 log = logging.getLogger(__name__)
+
+
+class LpeftArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting a rejected config as one `ConfigError` line instead of usage + detail."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # Parsers jsonargparse builds for nested classes try alternatives and catch ArgumentError: leave them be.
+        if not self.exit_on_error:
+            super().error(message, ex)
+        # Our own errors (raised by a link's compute function, say) already say what to fix, and keep their exit code.
+        if ex is not None and _raised_by_lightning_peft(ex):
+            raise ex
+        parser = getattr(ex, "subcommand_parser", None) or self
+        args = list(getattr(self, "args", None) or sys.argv[1:])
+        # The full detail stays in the chain, for `lpeft --debug`.
+        raise ConfigError(one_line(message, args, parser.section_keys)) from (ex or ValueError(message))
+
+    def section_keys(self, section: str, class_path: str | None) -> list[str]:
+        """Keys of `section` relative to it: a nested class's init arguments when `class_path` names one."""
+        if class_path is not None:
+            return _class_keys(class_path)
+        prefix = f"{section}." if section else ""
+        keys = [a.dest[len(prefix) :] for a in self._actions if a.dest.startswith(prefix)]
+        return [k for k in keys if k not in ("help", "config", "print_config")]
+
+
+def _raised_by_lightning_peft(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if type(seen).__module__.startswith("lightning_peft"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _class_keys(class_path: str) -> list[str]:
+    from jsonargparse import ArgumentParser
+    from jsonargparse._util import import_object
+
+    parser = ArgumentParser(exit_on_error=False)
+    try:
+        parser.add_class_arguments(import_object(class_path))
+    except Exception:  # no suggestion is better than losing the error being reported
+        return []
+    return [a.dest for a in parser._actions if a.dest not in ("help", "config")]
 
 
 class LpeftCLI(LightningCLI):
@@ -151,5 +199,6 @@ def run_lightning_cli(args: list[str]) -> LightningCLI:
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "lpeft", "default_env": False},
+            parser_class=LpeftArgumentParser,
             auto_configure_optimizers=False,
         )

@@ -22,7 +22,7 @@ from lightning_peft.hub.lint import lint_adapter_config
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter, read_source
 from lightning_peft.hub.registry import Registry, VersionInfo, check_repo_id, get_registry
 from lightning_peft.hub.verify import check_base, compare_logits
-from lightning_peft.hub.versions import next_version, parent_of, resolve
+from lightning_peft.hub.versions import check_spec, next_version, parent_of, resolve
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def pull(
     registry = registry if isinstance(registry, Registry) else get_registry(registry)
     repo_id, spec = split_spec(reference)
     check_repo_id(repo_id)
+    spec = check_spec(spec)
     target = Path(to)
     check_target(target, overwrite=overwrite)
     versions = [info.version for info in registry.list_versions(repo_id)]

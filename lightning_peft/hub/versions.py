@@ -149,6 +149,20 @@ def resolve(spec: str, published: Iterable[Version]) -> Version:
     return found
 
 
+def check_spec(spec: str) -> str:
+    """`spec` (stripped; empty means `latest`) once it is `latest` or a well-formed range.
+
+    Checked before any registry lookup, so a typo such as `^^1` is reported as such, not as a missing repo.
+
+    Raises:
+        ConfigError: `spec` is malformed; the message lists the accepted forms.
+    """
+    spec = spec.strip() or "latest"
+    if spec != "latest":
+        parse_range(spec)
+    return spec
+
+
 def parse_range(spec: str) -> list[tuple[str, Version]]:
     """Turn a range into (operator, version) comparators that must all hold."""
     parts = [p for p in re.split(r"[,\s]+", re.sub(r"(>=|<=|>|<|=|\^|~)\s+", r"\1", spec.strip())) if p]
@@ -166,7 +180,7 @@ def _expand(part: str, spec: str) -> list[tuple[str, Version]]:
     match = _COMPARATOR.match(part)
     if match is None:
         raise ConfigError(
-            f"Version spec {spec!r}: {part!r} is not understood; use 1.2.3, 1.2, ^1.2, ~1.2, >=1,<2 or latest."
+            f"Version spec {spec!r} is malformed ({part!r}); use 1.2.3, 1.2, ^1.2, ~1.2, >=1,<2 or latest."
         )
     operator, text = match.group(1) or "=", match.group(2)
     core, _, prerelease = text.partition("-")
