@@ -13,6 +13,7 @@ import torch
 from helpers import quiet_trainer
 from safetensors import safe_open
 from tiny import save_tiny_model
+from tolerance import TINY_FORWARD, assert_close_reordered
 
 from lightning_peft import PeftCausalLM
 from lightning_peft.data import SFTDataModule
@@ -98,8 +99,8 @@ def test_only_the_new_rows_train_and_plain_peft_loads_the_adapter(base_dir, chat
     model.eval()
     with torch.no_grad():
         expected, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
-    # Same weights, same fp32 operations in the same order: equal up to rounding of a few ulps.
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Same weights; the two models may still pick other kernels (another module layout): reordered sums at most.
+    assert_close_reordered(got, expected, **TINY_FORWARD)
 
 
 def test_adapter_path_brings_its_tokenizer_and_template(base_dir, chat_file, tmp_path):
