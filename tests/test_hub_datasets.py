@@ -135,6 +135,38 @@ def test_a_mixture_of_hub_subsets_and_splits_with_their_own_formats(hub, tmp_pat
     assert {p.rpartition("/")[2] for p in downloads(hub)} >= {"train_sft.parquet", "test.parquet"}
 
 
+def test_the_published_card_declares_the_hub_data_and_its_metrics(hub, tmp_path, tiny_model_dir):
+    """The run records which sources were Hub data sets; the card declares those (with subset, split, revision)
+    and puts the validation metrics measured on one into its model-index. The local file is named, not declared."""
+    mixture = [
+        {"path": REPO, "name": "chat", "split": "train_sft", "format": "messages"},
+        str(tmp_path / "train.jsonl"),
+    ]
+    data = {"train_datasets": mixture, "val_file": {"path": REPO, "split": "test"}}
+    config = write_config(tmp_path, tiny_model_dir, data)
+    fit = lpeft(environment(hub, tmp_path), "fit", "--config", str(config), "--trainer.val_check_interval", "2")
+    assert fit.returncode == 0, fit.stderr
+    run = run_folder(tmp_path / "runs")
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["data"] == [
+        {"role": "train", "hub": True, "id": REPO, "subset": "chat", "split": "train_sft", "revision": None},
+        {"role": "train", "hub": False, "name": "train.jsonl"},
+        {"role": "validation", "hub": True, "id": REPO, "subset": None, "split": "test", "revision": None},
+    ]
+    registry = tmp_path / "registry"
+    published = lpeft(environment(hub, tmp_path), "publish", str(run / "adapter"), "acme/mixed", "--registry",
+                      str(registry), "--no-verify")  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(next(registry.rglob("README.md")))
+    assert card.data.datasets == [REPO]
+    results = {(r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type) for r in card.data.eval_results}
+    assert results == {(REPO, None, "test", kind) for kind in ("loss", "perplexity", "accuracy")}
+    assert "train: `train.jsonl` (a local file)" in card.text and f"train: [{REPO}]" in card.text
+    assert "subset `chat`, split `train_sft`" in card.text
+
+
 def test_unknown_ids_and_splits_are_one_line_errors(hub, tmp_path, tiny_model_dir):
     config = str(write_config(tmp_path, tiny_model_dir, {}))
     env = environment(hub, tmp_path)

@@ -69,6 +69,7 @@ def test_package_files_and_manifest(package, tiny_model_dir):
     assert manifest["datasets"] == {
         "hub": ["acme/capitals-qa"],
         "files": {"train": "train.jsonl", "validation": "val.jsonl"},
+        "hub_sources": [],  # no run_summary.json: the YAML settings give local file names only
     }
     assert {"peft", "huggingface-hub", "lightning-peft"} <= set(manifest["libraries"])
     assert manifest["license"] == "apache-2.0" and manifest["message"] == "more data"
@@ -97,13 +98,10 @@ def test_model_card_round_trips_with_the_metadata(package):
     assert data["library_name"] == "peft" and data["pipeline_tag"] == "text-generation"
     assert data["license"] == "apache-2.0" and data["datasets"] == ["acme/capitals-qa"]
     assert "lightning-peft" in data["tags"]
-    # The Hub's metric vocabulary, the split in dataset.split.
-    results = {(r.metric_type, r.dataset_split, r.metric_name): r.metric_value for r in card.data.eval_results}
-    assert results == {
-        ("accuracy", "validation", "validation accuracy"): 0.625,
-        ("loss", "validation", "validation loss"): 1.5,
-        ("perplexity", "validation", "validation perplexity"): 4.48169,
-    }
+    # The metrics were measured on a local file, which is not a Hub data set id: no model-index, the body has them.
+    assert card.data.eval_results is None and "model-index" not in data
+    assert "Last logged values, on validation: `val.jsonl`:" in text and "| val_ppl | 4.482 |" in text
+    assert "Data: train: `train.jsonl` (a local file); validation: `val.jsonl` (a local file); [acme/capitals-qa]" in text
     assert str(ModelCard(str(card))) == str(card)
     for section in ("## How to use", "## Training", "## Evaluation", "## Version history", "## Files", "vllm serve"):
         assert section in text

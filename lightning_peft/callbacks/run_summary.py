@@ -25,8 +25,9 @@ class RunSummary(L.Callback):
 
     `tokens` counts the non-padding tokens the model trained on and `supervised_tokens` those that carried
     loss, summed over all processes. The counts are part of the checkpoint: a run resumed with `ckpt_path`
-    reports the whole run (every part's tokens and training time), not only its last part. `lpeft fit` adds this
-    callback by default.
+    reports the whole run (every part's tokens and training time), not only its last part. `data` lists the data
+    module's sources with their roles (`SFTDataModule.data_sources`: Hub ids with subset/split/revision, local
+    files by name only). `lpeft fit` adds this callback by default.
 
     Args:
         filename: Name of the JSON file written in the run folder (see `lightning_peft.run_folder`).
@@ -81,6 +82,8 @@ class RunSummary(L.Callback):
             "epochs": trainer.current_epoch,
             **totals,
             "hardware": hardware_description(trainer),
+            # The data sets behind the adapter, as parsed here (where local paths resolve), for the model card.
+            "data": getattr(trainer.datamodule, "data_sources", None),
         }
         write_text(path, json.dumps(summary, indent=2) + "\n")
         log.info("Run summary written to %s", path)

@@ -32,7 +32,7 @@ from lightning_peft.data.hub_datasets import load_hub_dataset
 from lightning_peft.data.mixing import mix, planned_count
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset
 from lightning_peft.data.readers import require_exists
-from lightning_peft.data.sources import DataSource
+from lightning_peft.data.sources import DataSource, describe
 from lightning_peft.data.tokenization import TokenizedData, TokenizedPrompts, prepare_file, prepare_prompts
 from lightning_peft.errors import ConfigError, DataError
 
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
 Source = str | dict[str, Any]
+# The role each single-source setting's data plays in a run (train_datasets entries are all "train").
+_ROLES = {"train_file": "train", "val_file": "validation", "test_file": "test"}
 
 
 class SFTDataModule(LightningDataModule):
@@ -180,6 +182,14 @@ class SFTDataModule(LightningDataModule):
         if prepared and tokenizer is not self._tokenizer:
             raise ConfigError("`tokenizer` cannot change after setup(): the data is already tokenized with another.")
         self._tokenizer = tokenizer
+
+    @property
+    def data_sources(self) -> list[dict[str, Any]]:
+        """Each source of this data module with the role it plays (train, validation, test), as
+        `sources.describe` records it: what `RunSummary` writes and the model card declares."""
+        roles = [("train", s) for s in self.mixture]
+        roles += [(role, self.sources[key]) for key, role in _ROLES.items() if key in self.sources]
+        return [describe(source, role) for role, source in roles]
 
     @property
     def collator(self) -> SFTCollator:

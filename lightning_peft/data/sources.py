@@ -73,6 +73,18 @@ class DataSource:
         return f"{self.path} ({', '.join(extras)})" if extras else self.path
 
 
+def describe(source: DataSource, role: str) -> dict[str, Any]:
+    """What a run records about one of its sources (`run_summary.json`'s `data`, then the model card).
+
+    A Hub source by its id, subset, split and revision; a local one by its file or folder name only: a card must
+    neither publish a machine's paths nor declare a local file a Hub data set.
+    """
+    if source.hub:
+        return {"role": role, "hub": True, "id": source.path, "subset": source.name, "split": source.split,
+                "revision": source.revision}  # fmt: skip
+    return {"role": role, "hub": False, "name": Path(source.path).name}
+
+
 def parse_source(value: Any, setting: str, mixture: bool = False) -> DataSource:
     """The `DataSource` a setting's value describes.
 

@@ -3,14 +3,13 @@
 Metadata: `base_model` (a Hub id — when the base is a local folder with no known id, `base_model` and
 `base_model_relation` are left out rather than filled with a path, and the body says so), `base_model_relation:
 adapter`, `library_name: peft`, `pipeline_tag: text-generation`, license, Hub data sets, tags and a `model-index`
-holding the logged evaluation metrics. The body says what the adapter is, how to use it, how it was trained,
+holding the evaluation metrics logged on Hub data sets (metrics on local files are in the body only). The body says what the adapter is, how to use it, how it was trained,
 its loss curve, version history and checksums. Anything the run did not record is said to be unrecorded;
 nothing is a placeholder. The text has no timestamp, so the same manifest always gives the same card.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import ConfigError
@@ -19,7 +18,6 @@ from lightning_peft.hub.plot import LOSS_CURVE_FILE
 
 CARD_FILE = "README.md"
 _METHOD_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "IA3": "IA³", "LOHA": "LoHa", "LOKR": "LoKr"}
-_DATA_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SPLITS = {"val": "validation", "test": "test"}
 # Our metric names (`val_ppl`) in the Hub's metric vocabulary (model-index `metrics[].type`).
 _HUB_METRICS = {"loss": "loss", "ppl": "perplexity", "acc": "accuracy"}
@@ -61,22 +59,10 @@ def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_
 
 
 def _card_data(manifest: dict[str, Any]) -> Any:
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import ModelCardData
 
     base_id = manifest["base_model"]["id"]
-    data_type, data_name = _eval_dataset(manifest)
-    results = [
-        EvalResult(
-            task_type="text-generation",
-            dataset_type=data_type,
-            dataset_name=data_name,
-            dataset_split=_SPLITS.get(metric.split("_", 1)[0]),
-            metric_type=_hub_metric(metric),
-            metric_name=f"{_SPLITS.get(metric.split('_', 1)[0], '')} {_hub_metric(metric)}".strip(),
-            metric_value=value,
-        )
-        for metric, value in sorted(manifest["evaluation"].items())
-    ]
+    results = _eval_results(manifest)
     extra = {"base_model_relation": "adapter"} if base_id else {}
     return ModelCardData(
         base_model=base_id,
@@ -91,22 +77,56 @@ def _card_data(manifest: dict[str, Any]) -> Any:
     )
 
 
+def _eval_results(manifest: dict[str, Any]) -> list[Any]:
+    """The model-index entries: metrics measured on a Hub data set, named by its id, subset, split and revision.
+
+    `dataset.type` is a Hub data set id, so metrics measured on local files or on a held-out part of the training
+    data stay in the card's body and the manifest only (as transformers' Trainer drops results with no Hub data set).
+    """
+    from huggingface_hub import EvalResult
+
+    by_role = {source["role"]: source for source in manifest["datasets"].get("hub_sources", [])}
+    results = []
+    for metric, value in sorted(manifest["evaluation"].items()):
+        split = _SPLITS.get(metric.split("_", 1)[0])
+        source = by_role.get(split)
+        if source is None:
+            continue
+        kind = _hub_metric(metric)
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=source["id"],
+                dataset_name=source["id"],
+                dataset_config=source.get("subset"),
+                dataset_split=source.get("split"),
+                dataset_revision=source.get("revision"),
+                metric_type=kind,
+                metric_name=f"{split} {kind}",
+                metric_value=value,
+            )
+        )
+    return results
+
+
 def _hub_metric(metric: str) -> str:
     """`val_ppl` -> `perplexity`: the metric's kind in the Hub's vocabulary (the split goes in `dataset.split`)."""
     kind = metric.split("_", 1)[-1]
     return _HUB_METRICS.get(kind, kind)
 
 
-def _eval_dataset(manifest: dict[str, Any]) -> tuple[str, str]:
-    """The data set the metrics were measured on: a Hub id, or the loader type and name of a local file."""
-    hub = manifest["datasets"]["hub"]
-    files = manifest["datasets"]["files"]
-    name = files.get("validation") or files.get("test")
-    if hub and not name:
-        return hub[0], hub[0]
-    if name:
-        return _DATA_TYPES.get(Path(name).suffix.lower(), "custom"), name
-    return "custom", "held-out split of the training data"
+def _eval_data(manifest: dict[str, Any]) -> str:
+    """What the metrics were measured on, in words: the validation/test files or Hub data sets."""
+    datasets = manifest["datasets"]
+    named = [f"{role}: `{datasets['files'][role]}`" for role in ("validation", "test") if role in datasets["files"]]
+    named += [_hub_source_text(s) for s in datasets.get("hub_sources", []) if s["role"] in ("validation", "test")]
+    return "; ".join(named) if named else "a held-out part of the training data, or data not recorded"
+
+
+def _hub_source_text(source: dict[str, Any]) -> str:
+    extras = [f"{key} `{source[key]}`" for key in ("subset", "split", "revision") if source.get(key)]
+    link = f"[{source['id']}](https://huggingface.co/datasets/{source['id']})"
+    return f"{source['role']}: {link}" + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _method(manifest: dict[str, Any]) -> str:
@@ -161,8 +181,8 @@ def _usage(manifest: dict[str, Any]) -> str:
     peft = (
         "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
-        f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```'
+        + _tokenizer_lines(manifest, f'AutoTokenizer.from_pretrained("{base}")')
+        + f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```'
     )
     lpeft = (
         f"```bash\nlpeft pull {name}@{version} --to adapters/{short} --base {base}  # checks checksums and the base\n"
@@ -177,6 +197,21 @@ def _usage(manifest: dict[str, Any]) -> str:
     return f"## How to use\n\nWith PEFT:\n\n{peft}\n\nWith lightning-peft:\n\n{lpeft}\n\nWith vLLM:\n\n{vllm}"
 
 
+def _tokenizer_lines(manifest: dict[str, Any], base_tokenizer: str) -> str:
+    """Load the adapter's own tokenizer when it ships one (its chat template; tokens the template added, whose
+    embedding rows the adapter carries and the base must first make room for), else `base_tokenizer`."""
+    if not any(entry["path"] == "tokenizer_config.json" for entry in manifest["files"]):
+        return f"tokenizer = {base_tokenizer}\n"
+    line = "from transformers import AutoTokenizer\n" if "AutoTokenizer" not in base_tokenizer else ""
+    line += f'tokenizer = AutoTokenizer.from_pretrained("{manifest["name"]}", revision="v{manifest["version"]}")\n'
+    if manifest["adapter"]["hyperparameters"].get("trainable_token_indices"):
+        line += (
+            "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the tokens the chat template added\n"
+            "    base.resize_token_embeddings(len(tokenizer))\n"
+        )
+    return line
+
+
 def _alias_usage(manifest: dict[str, Any], base: str, short: str) -> str:
     """Usage for an adapter trained on a built-in alias: load that same base, so the logits are the trained ones."""
     name, version, alias = manifest["name"], manifest["version"], manifest["base_model"]["alias"]
@@ -186,8 +221,8 @@ def _alias_usage(manifest: dict[str, Any], base: str, short: str) -> str:
         f"from the package once, offline). `{base}`'s own weights are close but not identical.\n\n"
         "```python\nfrom peft import PeftModel\nfrom lightning_peft.models import load_base_model, load_tokenizer\n\n"
         f'base = load_base_model("{alias}")  # the built-in alias of {base}\n'
-        f'tokenizer = load_tokenizer("{alias}")\n'
-        f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```\n\n'
+        + _tokenizer_lines(manifest, f'load_tokenizer("{alias}")')
+        + f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```\n\n'
         f"```bash\nlpeft pull {name}@{version} --to adapters/{short}  # checks checksums and the base fingerprint\n```"
     )
 
@@ -223,9 +258,12 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
 
 
 def _data_sentence(manifest: dict[str, Any]) -> str:
-    files, hub = manifest["datasets"]["files"], manifest["datasets"]["hub"]
-    parts = [f"{role}: `{name}`" for role, name in sorted(files.items())]
-    parts += [f"[{d}](https://huggingface.co/datasets/{d})" for d in hub]
+    datasets = manifest["datasets"]
+    sources = datasets.get("hub_sources", [])
+    parts = [f"{role}: `{name}` (a local file)" for role, name in sorted(datasets["files"].items())]
+    parts += [_hub_source_text(source) for source in sources]
+    read = {source["id"] for source in sources}
+    parts += [f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets["hub"] if d not in read]
     return "Data: " + "; ".join(parts) + "." if parts else "Data: not recorded."
 
 
@@ -233,9 +271,8 @@ def _evaluation(manifest: dict[str, Any]) -> str:
     metrics = manifest["evaluation"]
     if not metrics:
         return "## Evaluation\n\nNo evaluation metrics were logged during training."
-    _, name = _eval_dataset(manifest)
     rows = [(k, _fmt(v)) for k, v in sorted(metrics.items())]
-    return f"## Evaluation\n\nLast logged values, on {name}:\n\n" + _table(("metric", "value"), rows)
+    return f"## Evaluation\n\nLast logged values, on {_eval_data(manifest)}:\n\n" + _table(("metric", "value"), rows)
 
 
 def _compatibility(manifest: dict[str, Any]) -> str:

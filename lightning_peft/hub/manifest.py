@@ -8,7 +8,8 @@ Top-level keys: format, format_version, name, version, parent_version, created_a
 base_model {id, revision, fingerprint, fingerprint_method, weights and alias (null, or what the weights are when
 not the id's own files, and the built-in alias that loads them)}, adapter {method, task_type, hyperparameters},
 files [{path, sha256, size}], training {summary, hyperparameters, sources}, evaluation {metric: value},
-datasets {hub, files}, libraries {package: version}, serving {vllm_compatible, problems, notes}, history
+datasets {hub (ids), files (local names by role), hub_sources [{role, id, subset, split,
+revision}]}, libraries {package: version}, serving {vllm_compatible, problems, notes}, history
 (the versions published before this one, newest first).
 """
 

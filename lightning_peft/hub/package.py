@@ -74,6 +74,7 @@ _ADAPTER_KEYS = (
     "alpha",
     "rank_dropout",
     "module_dropout",
+    "trainable_token_indices",
 )
 _LIBRARIES = ("lightning-peft", "peft", "transformers", "torch", "lightning", "huggingface-hub", "safetensors")
 _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
@@ -261,7 +262,12 @@ def _manifest(
         "adapter": _adapter_section(source),
         "training": {"summary": record.summary, "hyperparameters": record.hyperparameters, "sources": record.sources},
         "evaluation": record.evaluation,
-        "datasets": {"hub": list(spec.datasets), "files": record.data_files},
+        "datasets": {
+            # Declared with --dataset, then those the run read from the Hub; local files by name only.
+            "hub": list(dict.fromkeys([*spec.datasets, *(source["id"] for source in record.hub_sources)])),
+            "files": record.data_files,
+            "hub_sources": record.hub_sources,
+        },
         "libraries": library_versions(),
         "serving": {
             "vllm_compatible": lint.vllm_compatible,

@@ -8,8 +8,11 @@ next to it:
   is read the same way when `metrics.jsonl` is absent. TensorBoard, W&B and MLflow files are not read.
 - `hparams.yaml` (the module's and data module's hyperparameters, from CSV/TensorBoard loggers) and `config.yaml`
   (LightningCLI's full run).
-- `run_summary.json`, optional: `{"steps": int, "tokens": int, "duration_s": float, "hardware": str}` for what
-  Lightning does not log. Whatever is missing is recorded as unknown, never guessed.
+- `run_summary.json`, optional: `{"steps": int, "tokens": int, "duration_s": float, "hardware": str, "data":
+  [...]}` for what Lightning does not log. `data` (see `SFTDataModule.data_sources`) says which sources were Hub
+  data sets, as resolved when the run started; without it, the data settings in the YAML files give local file
+  names only (whether `org/name` was a local folder or a Hub id cannot be told afterwards, elsewhere).
+Whatever is missing is recorded as unknown, never guessed.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class RunRecord:
         summary: steps, tokens, duration_s, hardware, final_train_loss, final_val_loss (None when unknown).
         evaluation: The last value of every `val_*` / `test_*` metric.
         hyperparameters: Optimizer, schedule, batch and trainer settings found in hparams.yaml / config.yaml.
-        data_files: Names of the data files by role: train, validation, test.
+        data_files: Names of the local data files by role: train, validation, test (", "-joined for a mixture).
+        hub_sources: The Hub data sets by role: {role, id, subset, split, revision}.
         sources: The files the record was read from.
     """
 
@@ -68,6 +72,7 @@ class RunRecord:
     evaluation: dict[str, float] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     data_files: dict[str, str] = field(default_factory=dict)
+    hub_sources: list[dict[str, Any]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
 
@@ -194,3 +199,20 @@ def _read_summary(path: Path, record: RunRecord) -> None:
     for key in _SUMMARY_KEYS:
         if data.get(key) is not None:
             record.summary[key] = data[key]
+    if isinstance(data.get("data"), list):
+        _read_data_sources(data["data"], path, record)
+
+
+def _read_data_sources(entries: list[Any], path: Path, record: RunRecord) -> None:
+    """The run's own account of its data (`run_summary.json`'s `data`) replaces what the YAML settings suggest."""
+    files: dict[str, list[str]] = {}
+    hub = []
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("role") not in _DATA_ROLES.values():
+            raise DataError(f"{path}: `data` entry {entry!r} is not a data source with a train/validation/test role.")
+        if entry.get("hub"):
+            hub.append({key: entry.get(key) for key in ("role", "id", "subset", "split", "revision")})
+        else:
+            files.setdefault(entry["role"], []).append(str(entry.get("name")))
+    record.data_files = {role: ", ".join(names) for role, names in files.items()}
+    record.hub_sources = hub
