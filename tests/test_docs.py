@@ -36,6 +36,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--no-deps",  # pip
     "--max-lora-rank",  # vLLM
     "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
+    "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.
 WRONG_ON_PURPOSE = {"--model.lerning_rate"}
@@ -210,7 +211,8 @@ def _lightning_flag_ok(flag: str) -> bool:
         return True
     section, _, key = flag.removeprefix("--").partition(".")
     key = key.split("+")[0]
-    return section in {"model", "data", "trainer"} and (key == "help" or key in _init_params(section))
+    # `--model.*`: the section's flags as a whole
+    return section in {"model", "data", "trainer"} and (key in {"", "help"} or key in _init_params(section))
 
 
 def _commands(text: str) -> list[tuple[str, str]]:
@@ -275,7 +277,7 @@ def test_every_flag_named_anywhere_exists(name, text):
     """Flags in prose too (`--no-verify`, `--model.adapter_path`): an option of some lpeft command, a config key,
     or another program's."""
     known = _all_flags() | OTHER_PROGRAMS_FLAGS | WRONG_ON_PURPOSE
-    named = set(re.findall(r"(?<![\w-])--[A-Za-z][\w.-]*", text))
+    named = set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*(?:\.[\w-]+)*", text))
     stale = sorted(f for f in named if f not in known and not _lightning_flag_ok(f))
     assert not stale, f"{name} names options nothing has: {stale}"
 
