@@ -349,3 +349,17 @@ def test_named_objects_and_files_exist(name, text):
     paths = set(re.findall(r"(?<![\w/.~-])((?:lightning_peft|tests|benchmarks|examples)/[\w./*-]*[\w*/])", text))
     missing += sorted(p for p in paths if p not in WRITTEN_FILES and not list(REPO.glob(p.rstrip("/"))))
     assert not missing, f"{name} names what the repository does not have: {missing}"
+
+
+@pytest.mark.parametrize(("name", "text"), TEXTS, ids=[name for name, _ in TEXTS])
+def test_version_references_parse(name, text):
+    """`acme/capitals@^1.2` and the like: `lpeft pull` and `AdapterServer.load` take them as written."""
+    from lightning_peft.errors import ConfigError
+    from lightning_peft.hub.versions import check_spec
+
+    for spec in re.findall(r"(?<![\w/:.-])[\w-]+/[\w.-]+@([^\s`\"']+)", text):  # not hf://datasets/X@revision
+        if spec == "^^1":  # the commands page's example of a malformed range
+            with pytest.raises(ConfigError):
+                check_spec(spec)
+        else:
+            check_spec(spec)
