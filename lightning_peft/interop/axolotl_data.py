@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.interop.axolotl_keys import DATA_SUFFIXES, DATASET_REASONS, REASONS, SHAREGPT_ROLES, UNKNOWN
+from lightning_peft.interop.axolotl_keys import (
+    AXOLOTL_TEMPLATES,
+    DATA_SUFFIXES,
+    DATASET_REASONS,
+    FALLBACK_PREFIX,
+    SHAREGPT_ROLES,
+    UNKNOWN,
+)
 from lightning_peft.interop.axolotl_values import number, show, unset
 
 
@@ -51,7 +58,7 @@ class DataConversion:
                 self.data["val_fraction"] = value
             else:
                 self.drop("val_set_size", fraction, "a count of examples; data.val_fraction holds out a fraction (0-1)")
-        self._chat_template("chat_template", self.take("chat_template"))
+        self._chat_template("chat_template", self.take("chat_template"), self.take("chat_template_jinja"))
 
     def _dataset(self, entry: Any, where: str, setting: str) -> None:
         """One data set as data.train_file or data.val_file: a path, or {path, name, split, revision} for the Hub."""
@@ -168,9 +175,9 @@ class DataConversion:
         eos = rest.pop("train_on_eos", None)
         if eos not in (None, "turn"):  # Axolotl's default: the end of each trained turn, as lightning-peft does
             self.drop(f"{where}.train_on_eos", eos, "the end-of-turn token of each assistant turn is learned (`turn`)")
-        self._chat_template(f"{where}.chat_template", rest.pop("chat_template", None))
-        if (jinja := rest.pop("chat_template_jinja", None)) is not None:
-            self.drop(f"{where}.chat_template_jinja", jinja, REASONS["chat_template_jinja"])
+        self._chat_template(
+            f"{where}.chat_template", rest.pop("chat_template", None), rest.pop("chat_template_jinja", None)
+        )
 
     def _roles(self, roles: Any, where: str, *, sharegpt: bool) -> None:
         """Axolotl's {target: [source roles]}: carried when the data module reads each source as its target."""
@@ -187,19 +194,43 @@ class DataConversion:
                 "rename the roles in the file",
             )
 
-    def _chat_template(self, key: str, template: Any) -> None:
-        if (
-            template is None
-            or template == "tokenizer_default"
-            or str(template).startswith("tokenizer_default_fallback_")
-        ):
+    def _chat_template(self, key: str, template: Any, jinja: Any = None) -> None:
+        """Axolotl's template name (or `jinja` + `chat_template_jinja`) → data.chat_template, one per run.
+
+        Names whose Axolotl template renders exactly like a built-in here carry over; `tokenizer_default` is what
+        lightning-peft does anyway; `tokenizer_default_fallback_X` is noted (the fallback applies only to a base
+        without a template, which lightning-peft reports, naming data.chat_template).
+        """
+        if unset(template) or template == "tokenizer_default":
+            if not unset(jinja):
+                self.drop(f"{key}_jinja", jinja, "used only with chat_template: jinja")
             return
-        self.drop(
-            key,
-            template,
-            "conversations are rendered with the base tokenizer's own chat template; to use another, set "
-            "chat_template in the model folder's tokenizer_config.json",
-        )
+        template = str(template)
+        if template.startswith(FALLBACK_PREFIX):
+            fallback = template.removeprefix(FALLBACK_PREFIX)
+            self.notes.append(
+                f"{key}: {template}: the tokenizer's own chat template is used; if the base has none, set "
+                f"data.chat_template: {AXOLOTL_TEMPLATES.get(fallback, fallback)}."
+            )
+            return
+        if template == "jinja" and not unset(jinja):
+            value = str(jinja)
+        elif template in AXOLOTL_TEMPLATES:
+            value = AXOLOTL_TEMPLATES[template]
+        else:
+            reason = (
+                "chat_template: jinja needs chat_template_jinja (the template's text)"
+                if template == "jinja"
+                else f"no built-in template here renders like Axolotl's {template!r} (built-ins: "
+                f"{', '.join(sorted(set(AXOLOTL_TEMPLATES.values())))}); save Axolotl's "
+                f"src/axolotl/utils/chat_templates/templates/{template}.jinja and set data.chat_template to its path"
+            )
+            self.drop(key, template, reason)
+            return
+        if self.data.get("chat_template", value) != value:
+            self.drop(key, template, "one chat template per run: data.chat_template is already set")
+            return
+        self.data["chat_template"] = value
 
 
 def _format_of(kind: Any) -> str | None:

@@ -10,6 +10,11 @@ from __future__ import annotations
 # check each against its original: data.formats, data.readers, module.PeftCausalLM).
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+# Axolotl's chat template names whose templates (`utils/chat_templates/templates/*.jinja`) render every
+# conversation they accept exactly like these built-ins (tests/test_axolotl.py renders both); the others differ in
+# whitespace, default system prompts or BOS handling, so they are not mapped to a look-alike.
+AXOLOTL_TEMPLATES = {"chatml": "chatml", "llama3": "llama3", "gemma": "gemma"}
+FALLBACK_PREFIX = "tokenizer_default_fallback_"
 ATTENTION = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 ADAPTER_TYPES = ("lora", "qlora")
@@ -163,7 +168,6 @@ REASONS = {
     "unfrozen_parameters": "only the adapter trains (plus LoraConfig modules_to_save)",
     "fp8": "FP8 training is not supported",
     "gptq": "GPTQ bases are not supported; bases are quantized with bitsandbytes (load_in_4bit / load_in_8bit)",
-    "chat_template_jinja": "conversations are rendered with the base tokenizer's own chat template",
     "adam_beta1": _ADAM,
     "adam_beta2": _ADAM,
     "adam_beta3": _ADAM,
