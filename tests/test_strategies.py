@@ -91,6 +91,20 @@ def _adapter(root):
     return load_file(run_folder(root) / "adapter" / "adapter_model.safetensors")
 
 
+def _with_chat_template(config, base_dir, tmp_path):
+    """The run of `config` on chat data with `chat_template: chatml` on a base whose vocabulary lacks its tokens."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {c}"}, {"role": "assistant", "content": c * 3}]} for c in "abcd"
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # equal token counts, as in _config
+    run = json.loads(config.read_text())
+    run["model"]["init_args"]["model_name_or_path"] = str(base_dir)
+    run["data"].update(train_file=str(data), chat_template="chatml")
+    config.write_text(json.dumps(run))
+    return config
+
+
 @pytest.mark.parametrize(("preset", "quantization"), [("FSDP2", "none"), ("DDP", "none"), ("FSDP2", "4bit")])
 def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_dir, preset, quantization):
     strategy = {"class_path": f"lightning_peft.strategies.{preset}"}
@@ -116,6 +130,30 @@ def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_dir, preset, q
             assert tensor.abs().max() > 1e-4, "LoRA B starts at zero: training moved it"
     config = json.loads((run_folder(tmp_path / "multi") / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4
+
+
+def test_fsdp2_qlora_trains_the_tokens_a_chat_template_adds(tmp_path):
+    """QLoRA + FSDP2 + trainable tokens: the 2-process adapter (LoRA and the new embedding rows) matches 1 process."""
+    from tiny import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base", chat=False)
+    strategy = {"class_path": "lightning_peft.strategies.FSDP2"}
+    run = {"tiny_model_dir": base, "quantization": "4bit", "sgd": True}
+    configs = {
+        "multi": _config(tmp_path, name="multi", batch_size=2, strategy=strategy, devices=2, **run),
+        "single": _config(tmp_path, name="single", batch_size=4, **run),
+    }
+    for config in configs.values():
+        result = _fit(_with_chat_template(config, base, tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert "training the embedding rows of the new tokens [259, 260] only" in result.stderr
+    got, want = _adapter(tmp_path / "multi"), _adapter(tmp_path / "single")
+    assert got.keys() == want.keys()
+    deltas = [key for key in want if "trainable_tokens_delta" in key]
+    assert len(deltas) == 2  # the input embeddings and the untied lm_head
+    for key, tensor in want.items():
+        assert got[key].shape == tensor.shape, f"{key} is one rank's shard, not the gathered tensor"
+        assert_close_reordered(got[key], tensor, n_terms=64, sums_in_a_row=5 * 6, msg=key)
 
 
 def test_presets_parse_from_yaml(tmp_path):
