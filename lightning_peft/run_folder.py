@@ -13,11 +13,17 @@ and AdapterMerge's default `merged/` all go there. A resumed run (`ckpt_path`) g
 RunSummary and MetricHistory carry the counts and metrics of the earlier parts over through the checkpoint, so the
 newest folder describes the whole run. `trainer.log_dir` is not used: with W&B or MLflow first it is the logger's
 `save_dir`, shared by every run.
+
+A run that fails before its first optimizer step (a data or config error found while setting up) leaves no folder:
+Lightning creates the loggers' folders before any setup hook runs, and `discard_if_unused` removes them again
+when they hold only what the loggers and the config writer put there (`RunSummary` calls it on an exception), so
+the next run does not become `version_1` next to an empty `version_0`.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from weakref import WeakKeyDictionary
 
@@ -25,6 +31,8 @@ import lightning.pytorch as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 DEFAULT_NAME = "lightning_logs"
+# What loggers and LightningCLI write into a run folder before the first step; a folder with nothing else is unused.
+_BOOTSTRAP_FILES = re.compile(r"events\.out\.tfevents\..*|hparams\.yaml|metrics\.csv|config\.yaml")
 _VERSION = re.compile(r"version_(\d+)")
 # One folder per Trainer: resolved once (a collective), then every hook of every process reads the same path.
 _RUN_DIRS: WeakKeyDictionary[L.Trainer, Path] = WeakKeyDictionary()
@@ -102,3 +110,23 @@ def share_version(trainer: L.Trainer) -> None:
 def _next_version(root: Path) -> int:
     numbers = [int(m[1]) for p in root.iterdir() if p.is_dir() and (m := _VERSION.fullmatch(p.name))]
     return max(numbers, default=-1) + 1
+
+
+def discard_if_unused(trainer: L.Trainer) -> list[Path]:
+    """Remove this run's folders if the run failed before its first step and they hold only logger/config files.
+
+    Call it on rank zero from `on_exception`. Folders of a run that trained, resumed from a checkpoint, or holds
+    anything else (an adapter, checkpoints, files a user put there) are kept. Returns the folders removed.
+    """
+    if trainer.global_step > 0 or not trainer.is_global_zero:
+        return []
+    candidates = {Path(lg.log_dir) for lg in trainer.loggers if isinstance(lg, (CSVLogger, TensorBoardLogger))}
+    if trainer in _RUN_DIRS:
+        candidates.add(_RUN_DIRS[trainer])
+    removed = []
+    for folder in sorted(candidates):
+        entries = list(folder.iterdir()) if folder.is_dir() else None
+        if entries is not None and all(e.is_file() and _BOOTSTRAP_FILES.fullmatch(e.name) for e in entries):
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed

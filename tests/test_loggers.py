@@ -221,6 +221,31 @@ def test_the_run_folder_is_a_new_version_without_a_local_logger_and_the_csv_logg
     assert run_dir(trainer) is run_dir(trainer), "resolved once per trainer"
 
 
+@pytest.mark.parametrize("logger", [None, False], ids=["tensorboard-and-csv", "no-logger"])
+def test_a_run_that_fails_before_training_leaves_no_run_folder(tmp_path, tiny_model_dir, logger):
+    """Lightning makes the loggers' folders before setup; a data error found there must not leave them behind."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q", "completion": "A"}\n{not json\n')
+    config = write_run_config(tmp_path, tiny_model_dir, data={"train_file": str(bad)}, trainer={"logger": logger})
+    command = [sys.executable, "-m", "lightning_peft", "fit", "--config", str(config)]
+    failed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert failed.returncode != 0 and "bad.jsonl" in failed.stderr.strip().splitlines()[-1]
+    root = tmp_path / "runs" / "lightning_logs"
+    assert not root.exists() or not any(root.iterdir()), sorted(root.rglob("*"))
+
+
+def test_a_failed_runs_folder_with_anything_else_in_it_is_kept(tmp_path):
+    from lightning_peft.run_folder import discard_if_unused
+
+    bare, kept = quiet_trainer(tmp_path / "a"), quiet_trainer(tmp_path / "b")
+    for trainer in (bare, kept):
+        (run_dir(trainer) / "config.yaml").write_text("model: {}\n")
+    (run_dir(kept) / "notes.txt").write_text("mine")
+    assert discard_if_unused(bare) == [tmp_path / "a" / "lightning_logs" / "version_0"]
+    assert not (tmp_path / "a" / "lightning_logs" / "version_0").exists()
+    assert discard_if_unused(kept) == [] and (run_dir(kept) / "notes.txt").is_file()
+
+
 # ---- reading the history for the card --------------------------------------------------------------------------
 
 

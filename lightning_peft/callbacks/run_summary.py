@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_peft.atomic import write_text
 from lightning_peft.run_files import SUMMARY_FILE
-from lightning_peft.run_folder import run_dir
+from lightning_peft.run_folder import discard_if_unused, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,11 @@ class RunSummary(L.Callback):
         }
         write_text(path, json.dumps(summary, indent=2) + "\n")
         log.info("Run summary written to %s", path)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for folder in discard_if_unused(trainer):  # a run that failed before training leaves no empty run folder
+            log.info("Removed %s: the run failed before its first step", folder)
 
     def _totals(self) -> dict[str, Any]:
         """Tokens (summed over processes) and training time of the whole run so far; a collective."""
