@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.hub.manifest import MANIFEST_FILE
+from lightning_peft.hub.manifest import MANIFEST_FILE, Manifest
 from lightning_peft.hub.plot import LOSS_CURVE_FILE
 
 CARD_FILE = "README.md"
@@ -25,7 +25,7 @@ _SPLITS = {"val": "validation", "test": "test"}
 _HUB_METRICS = {"loss": "loss", "ppl": "perplexity", "acc": "accuracy"}
 
 
-def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_note: str | None) -> str:
+def build_card(manifest: Manifest, *, description: str | None, loss_curve_note: str | None) -> str:
     """The README.md text for a package whose manifest lists every file but the card itself.
 
     Args:
@@ -40,7 +40,7 @@ def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_
 
     body = "\n\n".join(
         [
-            f"# {manifest['name']}",
+            f"# {manifest.name}",
             description or _default_description(manifest),
             _overview(manifest),
             _usage(manifest),
@@ -53,17 +53,17 @@ def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_
     )
     text = f"---\n{_card_data(manifest).to_yaml()}\n---\n\n{body}\n"
     card = ModelCard(text)  # parses the metadata back: a card that does not round-trip is refused here
-    if card.data.to_dict().get("base_model") != manifest["base_model"]["id"]:
+    if card.data.to_dict().get("base_model") != manifest.base_model.id:
         raise ConfigError(
             f"The model card's base_model does not round-trip ({card.data.to_dict().get('base_model')!r})."
         )
     return str(card)
 
 
-def _card_data(manifest: dict[str, Any]) -> Any:
+def _card_data(manifest: Manifest) -> Any:
     from huggingface_hub import EvalResult, ModelCardData
 
-    base_id = manifest["base_model"]["id"]
+    base_id = manifest.base_model.id
     data_type, data_name = _eval_dataset(manifest)
     results = [
         EvalResult(
@@ -75,17 +75,17 @@ def _card_data(manifest: dict[str, Any]) -> Any:
             metric_name=f"{_SPLITS.get(metric.split('_', 1)[0], '')} {_hub_metric(metric)}".strip(),
             metric_value=value,
         )
-        for metric, value in sorted(manifest["evaluation"].items())
+        for metric, value in sorted(manifest.evaluation.items())
     ]
     extra = {"base_model_relation": "adapter"} if base_id else {}
     return ModelCardData(
         base_model=base_id,
         library_name="peft",
         pipeline_tag="text-generation",
-        license=manifest.get("license"),
-        datasets=manifest["datasets"]["hub"] or None,
-        tags=["lightning-peft", "peft", manifest["adapter"]["method"].lower(), "adapter"],
-        model_name=manifest["name"].split("/")[-1] if results else None,
+        license=manifest.license,
+        datasets=list(manifest.datasets.hub) or None,
+        tags=["lightning-peft", "peft", manifest.adapter.method.lower(), "adapter"],
+        model_name=manifest.name.split("/")[-1] if results else None,
         eval_results=results or None,
         **extra,
     )
@@ -97,10 +97,10 @@ def _hub_metric(metric: str) -> str:
     return _HUB_METRICS.get(kind, kind)
 
 
-def _eval_dataset(manifest: dict[str, Any]) -> tuple[str, str]:
+def _eval_dataset(manifest: Manifest) -> tuple[str, str]:
     """The data set the metrics were measured on: a Hub id, or the loader type and name of a local file."""
-    hub = manifest["datasets"]["hub"]
-    files = manifest["datasets"]["files"]
+    hub = manifest.datasets.hub
+    files = manifest.datasets.files
     name = files.get("validation") or files.get("test")
     if hub and not name:
         return hub[0], hub[0]
@@ -109,38 +109,38 @@ def _eval_dataset(manifest: dict[str, Any]) -> tuple[str, str]:
     return "custom", "held-out split of the training data"
 
 
-def _method(manifest: dict[str, Any]) -> str:
-    method = manifest["adapter"]["method"]
+def _method(manifest: Manifest) -> str:
+    method = manifest.adapter.method
     return _METHOD_NAMES.get(method, method)
 
 
-def _base_link(manifest: dict[str, Any]) -> str:
-    base_id = manifest["base_model"]["id"]
+def _base_link(manifest: Manifest) -> str:
+    base_id = manifest.base_model.id
     return f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a local base model with no Hub id"
 
 
-def _default_description(manifest: dict[str, Any]) -> str:
-    files = manifest["datasets"]["files"]
+def _default_description(manifest: Manifest) -> str:
+    files = manifest.datasets.files
     data = f", fine-tuned on `{files['train']}`" if files.get("train") else ""
     return f"A {_method(manifest)} adapter for {_base_link(manifest)}{data}, trained and packaged with lightning-peft."
 
 
-def _overview(manifest: dict[str, Any]) -> str:
-    base = manifest["base_model"]
+def _overview(manifest: Manifest) -> str:
+    base = manifest.base_model
     rows = [
         (
             "Version",
-            manifest["version"] + (f" (follows {manifest['parent_version']})" if manifest["parent_version"] else ""),
+            manifest.version + (f" (follows {manifest.parent_version})" if manifest.parent_version else ""),
         ),
-        ("Base model", _base_link(manifest) + (f" at revision `{base['revision']}`" if base.get("revision") else "")),
-        *([("Base weights", base["weights"])] if base.get("weights") else []),
-        ("Base fingerprint", f"`{base['fingerprint']}`"),
-        ("Method", f"{_method(manifest)} ({_short_hparams(manifest['adapter']['hyperparameters'])})"),
-        ("License", manifest.get("license") or "none given by the author"),
+        ("Base model", _base_link(manifest) + (f" at revision `{base.revision}`" if base.revision else "")),
+        *([("Base weights", base.weights)] if base.weights else []),
+        ("Base fingerprint", f"`{base.fingerprint}`"),
+        ("Method", f"{_method(manifest)} ({_short_hparams(manifest.adapter.hyperparameters)})"),
+        ("License", manifest.license or "none given by the author"),
     ]
     note = (
         ""
-        if base["id"]
+        if base.id
         else "\n\nThe base model was a local folder with no known Hub id, so the metadata has no `base_model`; "
         "the fingerprint above identifies it exactly."
     )
@@ -152,11 +152,11 @@ def _short_hparams(hparams: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(hparams[k])}" for k in keys if k in hparams) or "default settings"
 
 
-def _usage(manifest: dict[str, Any]) -> str:
-    name, version = manifest["name"], manifest["version"]
-    base = manifest["base_model"]["id"] or "path/to/the/base-model"
+def _usage(manifest: Manifest) -> str:
+    name, version = manifest.name, manifest.version
+    base = manifest.base_model.id or "path/to/the/base-model"
     short = name.split("/")[-1]
-    if manifest["base_model"].get("alias"):
+    if manifest.base_model.alias:
         return _alias_usage(manifest, base, short)
     peft = (
         "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -168,20 +168,20 @@ def _usage(manifest: dict[str, Any]) -> str:
         f"```bash\nlpeft pull {name}@{version} --to adapters/{short} --base {base}  # checks checksums and the base\n"
         f"lpeft validate --config run.yaml --model.adapter_path adapters/{short}\n```"
     )
-    serving = manifest["serving"]
-    if serving["vllm_compatible"]:
-        rank = f" --max-lora-rank {serving['max_lora_rank']}" if serving.get("max_lora_rank") else ""
+    serving = manifest.serving
+    if serving.vllm_compatible:
+        rank = f" --max-lora-rank {serving.max_lora_rank}" if serving.max_lora_rank else ""
         vllm = f"```bash\nvllm serve {base} --enable-lora --lora-modules {short}=adapters/{short}{rank}\n```"
     else:
-        vllm = "vLLM cannot load this adapter as it is: " + " ".join(serving["problems"])
+        vllm = "vLLM cannot load this adapter as it is: " + " ".join(serving.problems)
     return f"## How to use\n\nWith PEFT:\n\n{peft}\n\nWith lightning-peft:\n\n{lpeft}\n\nWith vLLM:\n\n{vllm}"
 
 
-def _alias_usage(manifest: dict[str, Any], base: str, short: str) -> str:
+def _alias_usage(manifest: Manifest, base: str, short: str) -> str:
     """Usage for an adapter trained on a built-in alias: load that same base, so the logits are the trained ones."""
-    name, version, alias = manifest["name"], manifest["version"], manifest["base_model"]["alias"]
+    name, version, alias = manifest.name, manifest.version, manifest.base_model.alias
     return (
-        f"## How to use\n\nThis adapter was trained on {manifest['base_model']['weights']}, not on the files of "
+        f"## How to use\n\nThis adapter was trained on {manifest.base_model.weights}, not on the files of "
         f"`{base}` itself: load that same base to get the logits it was trained for (lightning-peft converts it "
         f"from the package once, offline). `{base}`'s own weights are close but not identical.\n\n"
         "```python\nfrom peft import PeftModel\nfrom lightning_peft.models import load_base_model, load_tokenizer\n\n"
@@ -192,9 +192,9 @@ def _alias_usage(manifest: dict[str, Any], base: str, short: str) -> str:
     )
 
 
-def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
-    training = manifest["training"]
-    summary = training["summary"]
+def _training(manifest: Manifest, loss_curve_note: str | None) -> str:
+    training = manifest.training
+    summary = training.summary
     rows = [
         ("Steps", summary.get("steps")),
         ("Tokens", summary.get("tokens")),
@@ -204,7 +204,7 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
         ("Final validation loss", summary.get("final_val_loss")),
     ]
     parts = ["## Training", _table(("", ""), [(k, "not recorded" if v is None else _fmt(v)) for k, v in rows])]
-    hparams = {**manifest["adapter"]["hyperparameters"], **training["hyperparameters"]}
+    hparams = {**manifest.adapter.hyperparameters, **training.hyperparameters}
     parts.append(
         "Hyperparameters:\n\n" + _table(("setting", "value"), [(k, _fmt(v)) for k, v in sorted(hparams.items())])
     )
@@ -213,7 +213,7 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
         parts.append(f"![Training and validation loss]({LOSS_CURVE_FILE})")
     else:
         parts.append(loss_curve_note)
-    sources = training["sources"]
+    sources = training.sources
     parts.append(
         f"Read from the run's {', '.join(f'`{s}`' for s in sources)}."
         if sources
@@ -222,15 +222,15 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def _data_sentence(manifest: dict[str, Any]) -> str:
-    files, hub = manifest["datasets"]["files"], manifest["datasets"]["hub"]
+def _data_sentence(manifest: Manifest) -> str:
+    files, hub = manifest.datasets.files, manifest.datasets.hub
     parts = [f"{role}: `{name}`" for role, name in sorted(files.items())]
     parts += [f"[{d}](https://huggingface.co/datasets/{d})" for d in hub]
     return "Data: " + "; ".join(parts) + "." if parts else "Data: not recorded."
 
 
-def _evaluation(manifest: dict[str, Any]) -> str:
-    metrics = manifest["evaluation"]
+def _evaluation(manifest: Manifest) -> str:
+    metrics = manifest.evaluation
     if not metrics:
         return "## Evaluation\n\nNo evaluation metrics were logged during training."
     _, name = _eval_dataset(manifest)
@@ -238,31 +238,29 @@ def _evaluation(manifest: dict[str, Any]) -> str:
     return f"## Evaluation\n\nLast logged values, on {name}:\n\n" + _table(("metric", "value"), rows)
 
 
-def _compatibility(manifest: dict[str, Any]) -> str:
-    serving = manifest["serving"]
+def _compatibility(manifest: Manifest) -> str:
+    serving = manifest.serving
     lines = [
         "## Compatibility",
-        f"The base model's fingerprint (`{manifest['base_model']['fingerprint_method']}`: a sha256 over its config "
+        f"The base model's fingerprint (`{manifest.base_model.fingerprint_method}`: a sha256 over its config "
         "and every weight tensor) is recorded in `lpeft_manifest.json`. `lpeft pull ... --base MODEL` and "
         "`lpeft inspect DIR --base MODEL` refuse a base whose weights differ.",
     ]
-    if serving["vllm_compatible"]:
-        lines.append("Serving: vLLM can load it as a LoRA adapter. " + " ".join(serving["notes"]))
+    if serving.vllm_compatible:
+        lines.append("Serving: vLLM can load it as a LoRA adapter. " + " ".join(serving.notes))
     else:
-        lines.append("Serving: " + " ".join(serving["problems"]))
+        lines.append("Serving: " + " ".join(serving.problems))
     return "\n\n".join(line.rstrip() for line in lines)
 
 
-def _history(manifest: dict[str, Any]) -> str:
-    current = f"- **{manifest['version']}** (this version)" + (
-        f": {manifest['message']}" if manifest.get("message") else ""
-    )
-    earlier = [f"- {v}" for v in manifest.get("history", [])]
+def _history(manifest: Manifest) -> str:
+    current = f"- **{manifest.version}** (this version)" + (f": {manifest.message}" if manifest.message else "")
+    earlier = [f"- {v}" for v in manifest.history]
     return "## Version history\n\n" + "\n".join([current, *earlier])
 
 
-def _files(manifest: dict[str, Any]) -> str:
-    rows = [(f"`{f['path']}`", f"{f['size']:,}", f"`{f['sha256']}`") for f in manifest["files"]]
+def _files(manifest: Manifest) -> str:
+    rows = [(f"`{f.path}`", f"{f.size:,}", f"`{f.sha256}`") for f in manifest.files]
     return (
         "## Files\n\n"
         + _table(("file", "bytes", "sha256"), rows)

@@ -23,7 +23,7 @@ def fetch_reference(reference: str, *, registry: Any = None, cache_dir: str | os
     from filelock import FileLock
 
     from lightning_peft.hub import get_registry, pull, split_spec
-    from lightning_peft.hub.manifest import MANIFEST_FILE, file_problems, parse
+    from lightning_peft.hub.manifest import MANIFEST_FILE, file_problems, read
     from lightning_peft.hub.registry import Registry, check_repo_id
     from lightning_peft.hub.versions import resolve
 
@@ -40,7 +40,7 @@ def fetch_reference(reference: str, *, registry: Any = None, cache_dir: str | os
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         manifest = folder / MANIFEST_FILE
-        if manifest.is_file() and not file_problems(folder, parse(manifest.read_bytes(), where=str(folder))):
+        if manifest.is_file() and not file_problems(folder, read(folder)):
             return folder
         pull(f"{repo_id}@{version}", folder, registry=store, overwrite=True)
     log.info("Pulled %s %s into %s", repo_id, version, folder)
