@@ -5,12 +5,31 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_REFERENCE = re.compile(r"^[\w.-]+/[\w.-]+(@.+)?$")
+
+
+def adapter_folder(source: str | os.PathLike, *, registry: Any = None, cache_dir: str | os.PathLike) -> Path:
+    """The folder an adapter source names: an existing folder as it is, a registry reference pulled (cached).
+
+    Raises:
+        ConfigError: neither an existing folder nor a reference; see `fetch_reference` for references.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if isinstance(source, str) and _REFERENCE.match(source):
+        return fetch_reference(source, registry=registry, cache_dir=cache_dir)
+    raise ConfigError(
+        f"Adapter source {str(source)!r} is neither an existing folder nor a registry reference like 'org/name@^1'."
+    )
 
 
 def fetch_reference(reference: str, *, registry: Any = None, cache_dir: str | os.PathLike) -> Path:
