@@ -26,6 +26,7 @@ MANIFEST_FILE = "lpeft_manifest.json"
 FORMAT = "lightning-peft/adapter-package"
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What makes a JSON object a lightning-peft manifest at all, checked before the format and then every field.
 _REQUIRED = ("format", "format_version", "name", "version", "base_model", "files")
 
 

@@ -36,6 +36,7 @@ def check_base(adapter_dir: str | Path, base: str, *, force: bool = False) -> bo
 
     Raises:
         ConfigError: the fingerprints differ and `force` is False.
+        DataError: the manifest is malformed (a missing or wrong-typed field, the fingerprint included).
     """
     manifest_path = Path(adapter_dir) / MANIFEST_FILE
     if not manifest_path.is_file():
