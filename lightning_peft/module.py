@@ -19,7 +19,7 @@ from peft import PeftConfig
 from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
-from lightning_peft import adapters
+from lightning_peft import adapters, generation
 from lightning_peft.architectures import ATTN_AUTO, AttnImplementation, supported_attn_implementations
 from lightning_peft.data import chat_templates
 from lightning_peft.data.tokenization import IGNORE_INDEX
@@ -295,14 +295,7 @@ class PeftCausalLM(L.LightningModule):
             tokens included), `completion` (the new tokens as text, special tokens skipped) and `reference` when
             the batch holds the row's answer.
         """
-        settings = {"max_new_tokens": 128, "do_sample": False, **getattr(self, "generation_kwargs", {})}
-        if self.tokenizer.chat_template:
-            # Chat replies end on the template's end-of-turn token, which may not be EOS (chatml on a base model).
-            stops = chat_templates.stop_token_ids(self.tokenizer, generation_config=self.model.generation_config)
-            settings.setdefault("eos_token_id", stops)
-        if not settings["do_sample"]:
-            # Sampling settings under greedy decoding only make transformers warn.
-            settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_p", "top_k")}
+        settings = generation.prediction_settings(self.tokenizer, self.model, getattr(self, "generation_kwargs", {}))
         input_ids = batch["input_ids"]
         attention_mask = batch.get("attention_mask", torch.ones_like(input_ids))
         pad = self.tokenizer.pad_token_id
@@ -312,26 +305,7 @@ class PeftCausalLM(L.LightningModule):
             pad_token_id=self.tokenizer.eos_token_id if pad is None else pad,
             **settings,
         )
-        return self._prediction_rows(batch, attention_mask, output[:, input_ids.shape[1] :])
-
-    def _prediction_rows(
-        self, batch: dict[str, Any], attention_mask: torch.Tensor, new_tokens: torch.Tensor
-    ) -> list[dict[str, Any]]:
-        size = len(new_tokens)
-        # Batches from other dataloaders may lack `index` (None then: the writer keeps their arrival order).
-        indices = batch["index"].tolist() if "index" in batch else [None] * size
-        references = batch.get("reference") or [None] * size
-        rows = []
-        for i, index in enumerate(indices):
-            row = {
-                "index": index,
-                "prompt": self.tokenizer.decode(batch["input_ids"][i][attention_mask[i].bool()]),
-                "completion": self.tokenizer.decode(new_tokens[i], skip_special_tokens=True),
-            }
-            if references[i] is not None:
-                row["reference"] = references[i]
-            rows.append(row)
-        return rows
+        return generation.prediction_rows(self.tokenizer, batch, attention_mask, output[:, input_ids.shape[1] :])
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -478,27 +452,7 @@ class PeftCausalLM(L.LightningModule):
     def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 64, **kwargs: Any) -> str:
         """Generate a reply to `prompt` (plain text, or chat messages rendered with the chat template); greedy by default."""
         self.configure_model()
-        if isinstance(prompt, str) and self.tokenizer.chat_template:
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(prompt, list):
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        else:
-            encoded = self.tokenizer(prompt, return_tensors="pt")
-        encoded = encoded.to(self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            kwargs.setdefault("do_sample", False)
-            if isinstance(prompt, list):
-                stops = chat_templates.stop_token_ids(self.tokenizer, generation_config=self.model.generation_config)
-                kwargs.setdefault("eos_token_id", stops)
-            output = self.model.generate(
-                **encoded, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs
-            )
-        finally:
-            self.model.train(was_training)
-        return self.tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        return generation.generate_reply(self.model, self.tokenizer, prompt, self.device, max_new_tokens, **kwargs)
 
 
 def _validate(args: dict[str, Any]) -> None:

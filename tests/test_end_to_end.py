@@ -51,11 +51,11 @@ def test_lora_learns_the_answer_format_and_reloads_with_plain_peft(smollm2_dir, 
     # ... and honest: its package says which weights it was trained on, and its card loads those.
     spec = PackageSpec(name="acme/capitals", version="1.0.0", run_dir=module.final_adapter_dir.parent)
     package = package_adapter(module.final_adapter_dir, tmp_path / "package", spec)
-    base = package.manifest["base_model"]
-    assert base["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and base["alias"] == "smollm2-135m-instruct"
-    assert "Q4_1.gguf" in base["weights"] and "de-quantized to fp32" in base["weights"]
+    base = package.manifest.base_model
+    assert base.id == "HuggingFaceTB/SmolLM2-135M-Instruct" and base.alias == "smollm2-135m-instruct"
+    assert "Q4_1.gguf" in base.weights and "de-quantized to fp32" in base.weights
     card = (package.path / "README.md").read_text()
-    assert base["weights"] in card and 'load_base_model("smollm2-135m-instruct")' in card
+    assert base.weights in card and 'load_base_model("smollm2-135m-instruct")' in card
 
 
 def test_qlora_step_on_smollm2(smollm2_dir, tmp_path):

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub import PackageSpec, fingerprint, package_adapter
 from lightning_peft.hub.lint import lint_adapter_config
-from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path, parse
+from lightning_peft.hub.manifest import MANIFEST_FILE, Manifest, check_relative_path, parse, read
 from lightning_peft.hub.package import read_source
 from lightning_peft.hub.verify import check_base, compare_logits
 
@@ -192,7 +192,7 @@ def test_pickle_weights_are_refused_and_never_unpickled(run_adapter, tmp_path):
     assert not (tmp_path / "pkg").exists()
     result = package_adapter(folder, tmp_path / "pkg", PackageSpec(name="acme/x", version="1.0.0", allow_pickle=True))
     assert (result.path / "adapter_model.bin").read_bytes() == (folder / "adapter_model.bin").read_bytes()
-    assert result.manifest["adapter"]["parameters"] is None
+    assert result.manifest.adapter.parameters is None
     assert not marker.exists()
 
 
@@ -241,6 +241,47 @@ def test_manifest_parse_rejects_escaping_and_bad_entries(package):
         parse(b'{"format": 1, "format_version": 1, "name": "a/b", "version": "1.0.0"}', where="test")
 
 
+def test_manifest_round_trip(package):
+    raw = (package.path / MANIFEST_FILE).read_bytes()
+    manifest = read(package.path)
+    assert manifest == package.manifest and manifest.to_bytes() == raw
+    assert Manifest.from_dict(json.loads(raw), where="test") == manifest
+    assert manifest.base_model.id == BASE_ID and manifest.files[0].path == "README.md"
+    assert manifest.format_version == 1 and set(json.loads(raw)) == set(manifest.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["adapter"].pop("method"), r"has no `adapter.method`"),
+        (lambda m: m.pop("serving"), r"has no `serving`"),
+        (
+            lambda m: m["serving"].update(vllm_compatible="yes"),
+            r"`serving.vllm_compatible` must be true or false, not 'yes'",
+        ),
+        (lambda m: m["base_model"].update(fingerprint=None), r"`base_model.fingerprint` must be a string, not None"),
+        (lambda m: m["datasets"].update(hub="acme/x"), r"`datasets.hub` must be a list, not 'acme/x'"),
+        (lambda m: m["training"].update(sources=[1]), r"`training.sources\[0\]` must be a string, not 1"),
+        (lambda m: m["evaluation"].update(val_loss="low"), r"`evaluation.val_loss` must be a number, not 'low'"),
+        (lambda m: m.update(adapter=[]), r"`adapter` must be an object, not \[\]"),
+    ],
+)
+def test_manifest_fields_are_checked_one_line_naming_the_field(package, change, message):
+    data = json.loads((package.path / MANIFEST_FILE).read_text())
+    change(data)
+    with pytest.raises(DataError, match=f"^acme/capitals 1.2.0: lpeft_manifest.json (field )?{message}") as caught:
+        parse(json.dumps(data).encode(), where="acme/capitals 1.2.0")
+    assert "\n" not in str(caught.value)
+
+
+def test_manifest_fields_added_after_v1_may_be_absent(package):
+    data = json.loads((package.path / MANIFEST_FILE).read_text())
+    for key in ("weights", "alias"):  # packages made before built-in alias bases were recorded
+        del data["base_model"][key]
+    manifest = parse(json.dumps(data).encode(), where="test")
+    assert manifest.base_model.alias is None and manifest.base_model.weights is None
+
+
 def test_serving_lint():
     assert lint_adapter_config({"peft_type": "LORA", "r": 8}).vllm_compatible
     report = lint_adapter_config({"peft_type": "LORA", "r": 64, "modules_to_save": ["lm_head"], "use_dora": True})
@@ -279,7 +320,7 @@ def test_run_summary_and_missing_matplotlib(run_adapter, tmp_path, monkeypatch):
     (run / "run_summary.json").write_text(json.dumps(summary))
     monkeypatch.setattr(package_module, "can_plot", lambda: False)
     result = package_adapter(run / "adapter", tmp_path / "pkg", PackageSpec(name="acme/x", version="1.0.0"))
-    assert {k: result.manifest["training"]["summary"][k] for k in summary} == summary
+    assert {k: result.manifest.training.summary[k] for k in summary} == summary
     text = (result.path / "README.md").read_text()
     assert "| Tokens | 40960 |" in text and "| Duration | 62 s |" in text and "| Hardware | 2 CPU cores |" in text
     assert "The loss curve was not drawn (matplotlib was not installed" in text

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from lightning_peft import PeftCausalLM
 from lightning_peft.adapters import build_peft_config
 from lightning_peft.callbacks import AdapterMerge
-from lightning_peft.errors import ConfigError
+from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.merging import REPORT_FILE, MergeVerificationError, check_merge_options, merge_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,16 +172,16 @@ def test_tolerance_the_merge_cannot_meet_writes_nothing(lora_dir, tmp_path):
 
 
 def test_nan_in_the_merged_model_writes_nothing(lora_dir, tmp_path, monkeypatch):
-    import lightning_peft.merging as merging
+    import lightning_peft.merging.job as merging_job
 
-    real_merge = merging._merge
+    real_merge = merging_job._merge
 
     def poisoned(*args):
         model = real_merge(*args)
         model.model.layers[0].mlp.up_proj.weight.data[0, 0] = float("nan")
         return model
 
-    monkeypatch.setattr(merging, "_merge", poisoned)
+    monkeypatch.setattr(merging_job, "_merge", poisoned)
     with pytest.raises(MergeVerificationError, match="NaN/Inf"):
         merge_adapter(lora_dir, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and no_leftovers(tmp_path)
@@ -220,17 +220,33 @@ def test_callback_refuses_an_existing_dirpath_before_training(tiny_model_dir, tm
 
 
 def test_quantization_is_read_from_the_run_files(tmp_path):
-    from lightning_peft.merging import _training_quantization
+    from lightning_peft.merging.run_settings import training_quantization
 
     cli_config = "model:\n  class_path: lightning_peft.PeftCausalLM\n  init_args:\n    quantization: 8bit\n"
     (tmp_path / "config.yaml").write_text(cli_config)
-    assert _training_quantization(tmp_path / "adapter", None, None)[:2] == ("8bit", None)
+    assert training_quantization(tmp_path / "adapter", None, None)[:2] == ("8bit", None)
     (tmp_path / "hparams.yaml").write_text(
         "adapter: !!python/object:peft.LoraConfig {r: 2}\nquantization: 4bit\n"
         "quantization_options: {bnb_4bit_quant_type: fp4}\n"
     )
-    assert _training_quantization(tmp_path / "adapter", None, None)[:2] == ("4bit", {"bnb_4bit_quant_type": "fp4"})
-    assert _training_quantization(tmp_path / "adapter", "none", None) == ("none", None, "argument")
+    assert training_quantization(tmp_path / "adapter", None, None)[:2] == ("4bit", {"bnb_4bit_quant_type": "fp4"})
+    assert training_quantization(tmp_path / "adapter", "none", None) == ("none", None, "argument")
+
+
+def test_one_reader_for_the_run_yaml_files(tmp_path):
+    from lightning_peft.hub.runinfo import read_run
+    from lightning_peft.merging.run_settings import training_quantization
+    from lightning_peft.run_files import read_run_yaml
+
+    (tmp_path / "hparams.yaml").write_text("adapter: !!python/object:peft.LoraConfig {r: 2}\nquantization: 8bit\n")
+    assert read_run_yaml(tmp_path / "hparams.yaml") == {"adapter": None, "quantization": "8bit"}
+    (tmp_path / "hparams.yaml").write_text("quantization: [8bit\n")
+    with pytest.raises(DataError, match=r"hparams.yaml is not valid YAML"):
+        read_run_yaml(tmp_path / "hparams.yaml")
+    with pytest.raises(DataError, match=r"hparams.yaml is not valid YAML"):
+        read_run(tmp_path / "adapter")  # publishing says the file is damaged
+    # merging reads what it can: a damaged file tells it nothing, and the default applies
+    assert training_quantization(tmp_path / "adapter", None, None) == ("none", None, "default")
 
 
 def test_settings_are_checked_all_at_once():

@@ -81,7 +81,7 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
             run_dir=options["run_dir"],
             allow_pickle=options["allow_pickle"],
         )
-        files = len(result.manifest["files"]) + 1
+        files = len(result.manifest.files) + 1
         if result.dry_run:
             click.echo(f"Dry run: {repo_id} {result.version} ({files} files) is ready; nothing was published.")
         else:
@@ -202,11 +202,11 @@ def _report_lines(report: Any) -> list[str]:
     if manifest is None:
         lines.append("  no lpeft_manifest.json: a plain PEFT adapter, not a package (checksums cannot be checked)")
     else:
-        base = manifest["base_model"]
+        base = manifest.base_model
         lines += [
-            f"  package: {manifest['name']} {manifest['version']} (created {manifest.get('created_at')})",
-            f"  base: {base.get('id') or 'local model'}  fingerprint {base['fingerprint']}",
-            f"  files: {len(manifest['files'])} listed, "
+            f"  package: {manifest.name} {manifest.version} (created {manifest.created_at})",
+            f"  base: {base.id or 'local model'}  fingerprint {base.fingerprint}",
+            f"  files: {len(manifest.files)} listed, "
             + ("all match their sha256" if not report.file_problems else f"{len(report.file_problems)} problem(s)"),
         ]
         lines += [f"    {problem}" for problem in report.file_problems]

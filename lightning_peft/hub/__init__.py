@@ -6,7 +6,7 @@
     pull("acme/capitals@^1.2", "adapters/capitals", registry="hf", base="smollm2-135m-instruct")
 
 Modules: `versions` (semver and ranges), `fingerprint` (the base model's identity), `runinfo` (what the run
-logged), `plot` (loss curve), `lint` (serving compatibility), `manifest`, `card`, `package` (offline
+logged), `plot` (loss curve), `lint` (serving compatibility), `manifest` (the typed `Manifest`), `card`, `package` (offline
 packaging), `registry` (interface + local folder registry), `hf_registry` (the Hub), `verify` (checks that
 need the model), `api` (the operations). Importing this package does not import torch.
 """
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from lightning_peft.hub.api import PublishResult, PullResult, inspect, list_versions, publish, pull, split_spec
 from lightning_peft.hub.fingerprint import fingerprint, locate_base
+from lightning_peft.hub.manifest import Manifest
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter
 from lightning_peft.hub.registry import LocalRegistry, Registry, VersionInfo, get_registry
 from lightning_peft.hub.verify import check_base
 
 __all__ = [
     "LocalRegistry",
+    "Manifest",
     "Package",
     "PackageSpec",
     "PublishResult",

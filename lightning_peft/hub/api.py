@@ -34,7 +34,7 @@ class PublishResult:
     repo_id: str
     version: str
     location: str | None
-    manifest: dict[str, Any]
+    manifest: manifest_lib.Manifest
     logits_difference: float | None
     dry_run: bool
 
@@ -120,7 +120,7 @@ class PullResult:
     repo_id: str
     version: str
     path: Path
-    manifest: dict[str, Any]
+    manifest: manifest_lib.Manifest
     base_matches: bool | None
 
 
@@ -161,13 +161,11 @@ def pull(
     where = f"{repo_id} {version}"
     raw = registry.read_manifest(repo_id, version)
     manifest = manifest_lib.parse(raw, where=where)
-    if manifest["name"] != repo_id or manifest["version"] != str(version):
-        raise DataError(
-            f"{where}: its manifest says {manifest['name']} {manifest['version']}; the registry is inconsistent."
-        )
+    if manifest.name != repo_id or manifest.version != str(version):
+        raise DataError(f"{where}: its manifest says {manifest.name} {manifest.version}; the registry is inconsistent.")
     base_matches = None
     with staged_folder(target, overwrite=overwrite) as staging:
-        registry.download(repo_id, version, [f["path"] for f in manifest["files"]], staging)
+        registry.download(repo_id, version, [f.path for f in manifest.files], staging)
         manifest_lib.verify_files(staging, manifest, where=where)
         (staging / manifest_lib.MANIFEST_FILE).write_bytes(raw)
         if base is not None:
@@ -187,7 +185,7 @@ class InspectReport:
     """What `lpeft inspect` found about a folder."""
 
     path: Path
-    manifest: dict[str, Any] | None
+    manifest: manifest_lib.Manifest | None
     adapter_config: dict[str, Any]
     file_problems: list[str] = field(default_factory=list)
     extra_files: list[str] = field(default_factory=list)
@@ -208,10 +206,10 @@ def inspect(directory: str | os.PathLike, *, base: str | None = None, force: boo
     manifest = None
     report = InspectReport(path, None, source.config)
     if (path / manifest_lib.MANIFEST_FILE).is_file():
-        manifest = manifest_lib.parse((path / manifest_lib.MANIFEST_FILE).read_bytes(), where=str(path))
+        manifest = manifest_lib.read(path)
         report.manifest = manifest
         report.file_problems = manifest_lib.file_problems(path, manifest)
-        listed = {f["path"] for f in manifest["files"]} | {manifest_lib.MANIFEST_FILE}
+        listed = {f.path for f in manifest.files} | {manifest_lib.MANIFEST_FILE}
         report.extra_files = sorted(
             p.relative_to(path).as_posix()
             for p in path.rglob("*")

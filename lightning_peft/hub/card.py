@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.hub.manifest import MANIFEST_FILE
+from lightning_peft.hub.manifest import MANIFEST_FILE, HubSource, Manifest
 from lightning_peft.hub.plot import LOSS_CURVE_FILE
 
 CARD_FILE = "README.md"
@@ -23,7 +23,7 @@ _SPLITS = {"val": "validation", "test": "test"}
 _HUB_METRICS = {"loss": "loss", "ppl": "perplexity", "acc": "accuracy"}
 
 
-def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_note: str | None) -> str:
+def build_card(manifest: Manifest, *, description: str | None, loss_curve_note: str | None) -> str:
     """The README.md text for a package whose manifest lists every file but the card itself.
 
     Args:
@@ -38,7 +38,7 @@ def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_
 
     body = "\n\n".join(
         [
-            f"# {manifest['name']}",
+            f"# {manifest.name}",
             description or _default_description(manifest),
             _overview(manifest),
             _usage(manifest),
@@ -51,33 +51,33 @@ def build_card(manifest: dict[str, Any], *, description: str | None, loss_curve_
     )
     text = f"---\n{_card_data(manifest).to_yaml()}\n---\n\n{body}\n"
     card = ModelCard(text)  # parses the metadata back: a card that does not round-trip is refused here
-    if card.data.to_dict().get("base_model") != manifest["base_model"]["id"]:
+    if card.data.to_dict().get("base_model") != manifest.base_model.id:
         raise ConfigError(
             f"The model card's base_model does not round-trip ({card.data.to_dict().get('base_model')!r})."
         )
     return str(card)
 
 
-def _card_data(manifest: dict[str, Any]) -> Any:
+def _card_data(manifest: Manifest) -> Any:
     from huggingface_hub import ModelCardData
 
-    base_id = manifest["base_model"]["id"]
+    base_id = manifest.base_model.id
     results = _eval_results(manifest)
     extra = {"base_model_relation": "adapter"} if base_id else {}
     return ModelCardData(
         base_model=base_id,
         library_name="peft",
         pipeline_tag="text-generation",
-        license=manifest.get("license"),
-        datasets=manifest["datasets"]["hub"] or None,
-        tags=["lightning-peft", "peft", manifest["adapter"]["method"].lower(), "adapter"],
-        model_name=manifest["name"].split("/")[-1] if results else None,
+        license=manifest.license,
+        datasets=list(manifest.datasets.hub) or None,
+        tags=["lightning-peft", "peft", manifest.adapter.method.lower(), "adapter"],
+        model_name=manifest.name.split("/")[-1] if results else None,
         eval_results=results or None,
         **extra,
     )
 
 
-def _eval_results(manifest: dict[str, Any]) -> list[Any]:
+def _eval_results(manifest: Manifest) -> list[Any]:
     """The model-index entries: metrics measured on a Hub data set, named by its id, subset, split and revision.
 
     `dataset.type` is a Hub data set id, so metrics measured on local files or on a held-out part of the training
@@ -85,9 +85,9 @@ def _eval_results(manifest: dict[str, Any]) -> list[Any]:
     """
     from huggingface_hub import EvalResult
 
-    by_role = {source["role"]: source for source in manifest["datasets"].get("hub_sources", [])}
+    by_role = {source.role: source for source in manifest.datasets.hub_sources}
     results = []
-    for metric, value in sorted(manifest["evaluation"].items()):
+    for metric, value in sorted(manifest.evaluation.items()):
         split = _SPLITS.get(metric.split("_", 1)[0])
         source = by_role.get(split)
         if source is None:
@@ -96,11 +96,11 @@ def _eval_results(manifest: dict[str, Any]) -> list[Any]:
         results.append(
             EvalResult(
                 task_type="text-generation",
-                dataset_type=source["id"],
-                dataset_name=source["id"],
-                dataset_config=source.get("subset"),
-                dataset_split=source.get("split"),
-                dataset_revision=source.get("revision"),
+                dataset_type=source.id,
+                dataset_name=source.id,
+                dataset_config=source.subset,
+                dataset_split=source.split,
+                dataset_revision=source.revision,
                 metric_type=kind,
                 metric_name=f"{split} {kind}",
                 metric_value=value,
@@ -115,52 +115,53 @@ def _hub_metric(metric: str) -> str:
     return _HUB_METRICS.get(kind, kind)
 
 
-def _eval_data(manifest: dict[str, Any]) -> str:
+def _eval_data(manifest: Manifest) -> str:
     """What the metrics were measured on, in words: the validation/test files or Hub data sets."""
-    datasets = manifest["datasets"]
-    named = [f"{role}: `{datasets['files'][role]}`" for role in ("validation", "test") if role in datasets["files"]]
-    named += [_hub_source_text(s) for s in datasets.get("hub_sources", []) if s["role"] in ("validation", "test")]
+    datasets = manifest.datasets
+    named = [f"{role}: `{datasets.files[role]}`" for role in ("validation", "test") if role in datasets.files]
+    named += [_hub_source_text(s) for s in datasets.hub_sources if s.role in ("validation", "test")]
     return "; ".join(named) if named else "a held-out part of the training data, or data not recorded"
 
 
-def _hub_source_text(source: dict[str, Any]) -> str:
-    extras = [f"{key} `{source[key]}`" for key in ("subset", "split", "revision") if source.get(key)]
-    link = f"[{source['id']}](https://huggingface.co/datasets/{source['id']})"
-    return f"{source['role']}: {link}" + (f" ({', '.join(extras)})" if extras else "")
+def _hub_source_text(source: HubSource) -> str:
+    extras = [f"{key} `{value}`" for key, value in (("subset", source.subset), ("split", source.split),
+              ("revision", source.revision)) if value]  # fmt: skip
+    link = f"[{source.id}](https://huggingface.co/datasets/{source.id})"
+    return f"{source.role}: {link}" + (f" ({', '.join(extras)})" if extras else "")
 
 
-def _method(manifest: dict[str, Any]) -> str:
-    method = manifest["adapter"]["method"]
+def _method(manifest: Manifest) -> str:
+    method = manifest.adapter.method
     return _METHOD_NAMES.get(method, method)
 
 
-def _base_link(manifest: dict[str, Any]) -> str:
-    base_id = manifest["base_model"]["id"]
+def _base_link(manifest: Manifest) -> str:
+    base_id = manifest.base_model.id
     return f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a local base model with no Hub id"
 
 
-def _default_description(manifest: dict[str, Any]) -> str:
-    files = manifest["datasets"]["files"]
+def _default_description(manifest: Manifest) -> str:
+    files = manifest.datasets.files
     data = f", fine-tuned on `{files['train']}`" if files.get("train") else ""
     return f"A {_method(manifest)} adapter for {_base_link(manifest)}{data}, trained and packaged with lightning-peft."
 
 
-def _overview(manifest: dict[str, Any]) -> str:
-    base = manifest["base_model"]
+def _overview(manifest: Manifest) -> str:
+    base = manifest.base_model
     rows = [
         (
             "Version",
-            manifest["version"] + (f" (follows {manifest['parent_version']})" if manifest["parent_version"] else ""),
+            manifest.version + (f" (follows {manifest.parent_version})" if manifest.parent_version else ""),
         ),
-        ("Base model", _base_link(manifest) + (f" at revision `{base['revision']}`" if base.get("revision") else "")),
-        *([("Base weights", base["weights"])] if base.get("weights") else []),
-        ("Base fingerprint", f"`{base['fingerprint']}`"),
-        ("Method", f"{_method(manifest)} ({_short_hparams(manifest['adapter']['hyperparameters'])})"),
-        ("License", manifest.get("license") or "none given by the author"),
+        ("Base model", _base_link(manifest) + (f" at revision `{base.revision}`" if base.revision else "")),
+        *([("Base weights", base.weights)] if base.weights else []),
+        ("Base fingerprint", f"`{base.fingerprint}`"),
+        ("Method", f"{_method(manifest)} ({_short_hparams(manifest.adapter.hyperparameters)})"),
+        ("License", manifest.license or "none given by the author"),
     ]
     note = (
         ""
-        if base["id"]
+        if base.id
         else "\n\nThe base model was a local folder with no known Hub id, so the metadata has no `base_model`; "
         "the fingerprint above identifies it exactly."
     )
@@ -172,11 +173,11 @@ def _short_hparams(hparams: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(hparams[k])}" for k in keys if k in hparams) or "default settings"
 
 
-def _usage(manifest: dict[str, Any]) -> str:
-    name, version = manifest["name"], manifest["version"]
-    base = manifest["base_model"]["id"] or "path/to/the/base-model"
+def _usage(manifest: Manifest) -> str:
+    name, version = manifest.name, manifest.version
+    base = manifest.base_model.id or "path/to/the/base-model"
     short = name.split("/")[-1]
-    if manifest["base_model"].get("alias"):
+    if manifest.base_model.alias:
         return _alias_usage(manifest, base, short)
     peft = (
         "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -188,23 +189,23 @@ def _usage(manifest: dict[str, Any]) -> str:
         f"```bash\nlpeft pull {name}@{version} --to adapters/{short} --base {base}  # checks checksums and the base\n"
         f"lpeft validate --config run.yaml --model.adapter_path adapters/{short}\n```"
     )
-    serving = manifest["serving"]
-    if serving["vllm_compatible"]:
-        rank = f" --max-lora-rank {serving['max_lora_rank']}" if serving.get("max_lora_rank") else ""
+    serving = manifest.serving
+    if serving.vllm_compatible:
+        rank = f" --max-lora-rank {serving.max_lora_rank}" if serving.max_lora_rank else ""
         vllm = f"```bash\nvllm serve {base} --enable-lora --lora-modules {short}=adapters/{short}{rank}\n```"
     else:
-        vllm = "vLLM cannot load this adapter as it is: " + " ".join(serving["problems"])
+        vllm = "vLLM cannot load this adapter as it is: " + " ".join(serving.problems)
     return f"## How to use\n\nWith PEFT:\n\n{peft}\n\nWith lightning-peft:\n\n{lpeft}\n\nWith vLLM:\n\n{vllm}"
 
 
-def _tokenizer_lines(manifest: dict[str, Any], base_tokenizer: str) -> str:
+def _tokenizer_lines(manifest: Manifest, base_tokenizer: str) -> str:
     """Load the adapter's own tokenizer when it ships one (its chat template; tokens the template added, whose
     embedding rows the adapter carries and the base must first make room for), else `base_tokenizer`."""
-    if not any(entry["path"] == "tokenizer_config.json" for entry in manifest["files"]):
+    if not any(entry.path == "tokenizer_config.json" for entry in manifest.files):
         return f"tokenizer = {base_tokenizer}\n"
     line = "from transformers import AutoTokenizer\n" if "AutoTokenizer" not in base_tokenizer else ""
-    line += f'tokenizer = AutoTokenizer.from_pretrained("{manifest["name"]}", revision="v{manifest["version"]}")\n'
-    if manifest["adapter"]["hyperparameters"].get("trainable_token_indices"):
+    line += f'tokenizer = AutoTokenizer.from_pretrained("{manifest.name}", revision="v{manifest.version}")\n'
+    if manifest.adapter.hyperparameters.get("trainable_token_indices"):
         line += (
             "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the tokens the chat template added\n"
             "    base.resize_token_embeddings(len(tokenizer))\n"
@@ -212,11 +213,11 @@ def _tokenizer_lines(manifest: dict[str, Any], base_tokenizer: str) -> str:
     return line
 
 
-def _alias_usage(manifest: dict[str, Any], base: str, short: str) -> str:
+def _alias_usage(manifest: Manifest, base: str, short: str) -> str:
     """Usage for an adapter trained on a built-in alias: load that same base, so the logits are the trained ones."""
-    name, version, alias = manifest["name"], manifest["version"], manifest["base_model"]["alias"]
+    name, version, alias = manifest.name, manifest.version, manifest.base_model.alias
     return (
-        f"## How to use\n\nThis adapter was trained on {manifest['base_model']['weights']}, not on the files of "
+        f"## How to use\n\nThis adapter was trained on {manifest.base_model.weights}, not on the files of "
         f"`{base}` itself: load that same base to get the logits it was trained for (lightning-peft converts it "
         f"from the package once, offline). `{base}`'s own weights are close but not identical.\n\n"
         "```python\nfrom peft import PeftModel\nfrom lightning_peft.models import load_base_model, load_tokenizer\n\n"
@@ -227,9 +228,9 @@ def _alias_usage(manifest: dict[str, Any], base: str, short: str) -> str:
     )
 
 
-def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
-    training = manifest["training"]
-    summary = training["summary"]
+def _training(manifest: Manifest, loss_curve_note: str | None) -> str:
+    training = manifest.training
+    summary = training.summary
     rows = [
         ("Steps", summary.get("steps")),
         ("Tokens", summary.get("tokens")),
@@ -239,7 +240,7 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
         ("Final validation loss", summary.get("final_val_loss")),
     ]
     parts = ["## Training", _table(("", ""), [(k, "not recorded" if v is None else _fmt(v)) for k, v in rows])]
-    hparams = {**manifest["adapter"]["hyperparameters"], **training["hyperparameters"]}
+    hparams = {**manifest.adapter.hyperparameters, **training.hyperparameters}
     parts.append(
         "Hyperparameters:\n\n" + _table(("setting", "value"), [(k, _fmt(v)) for k, v in sorted(hparams.items())])
     )
@@ -248,7 +249,7 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
         parts.append(f"![Training and validation loss]({LOSS_CURVE_FILE})")
     else:
         parts.append(loss_curve_note)
-    sources = training["sources"]
+    sources = training.sources
     parts.append(
         f"Read from the run's {', '.join(f'`{s}`' for s in sources)}."
         if sources
@@ -257,49 +258,46 @@ def _training(manifest: dict[str, Any], loss_curve_note: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def _data_sentence(manifest: dict[str, Any]) -> str:
-    datasets = manifest["datasets"]
-    sources = datasets.get("hub_sources", [])
-    parts = [f"{role}: `{name}` (a local file)" for role, name in sorted(datasets["files"].items())]
-    parts += [_hub_source_text(source) for source in sources]
-    read = {source["id"] for source in sources}
-    parts += [f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets["hub"] if d not in read]
+def _data_sentence(manifest: Manifest) -> str:
+    datasets = manifest.datasets
+    parts = [f"{role}: `{name}` (a local file)" for role, name in sorted(datasets.files.items())]
+    parts += [_hub_source_text(source) for source in datasets.hub_sources]
+    read = {source.id for source in datasets.hub_sources}
+    parts += [f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets.hub if d not in read]
     return "Data: " + "; ".join(parts) + "." if parts else "Data: not recorded."
 
 
-def _evaluation(manifest: dict[str, Any]) -> str:
-    metrics = manifest["evaluation"]
+def _evaluation(manifest: Manifest) -> str:
+    metrics = manifest.evaluation
     if not metrics:
         return "## Evaluation\n\nNo evaluation metrics were logged during training."
     rows = [(k, _fmt(v)) for k, v in sorted(metrics.items())]
     return f"## Evaluation\n\nLast logged values, on {_eval_data(manifest)}:\n\n" + _table(("metric", "value"), rows)
 
 
-def _compatibility(manifest: dict[str, Any]) -> str:
-    serving = manifest["serving"]
+def _compatibility(manifest: Manifest) -> str:
+    serving = manifest.serving
     lines = [
         "## Compatibility",
-        f"The base model's fingerprint (`{manifest['base_model']['fingerprint_method']}`: a sha256 over its config "
+        f"The base model's fingerprint (`{manifest.base_model.fingerprint_method}`: a sha256 over its config "
         "and every weight tensor) is recorded in `lpeft_manifest.json`. `lpeft pull ... --base MODEL` and "
         "`lpeft inspect DIR --base MODEL` refuse a base whose weights differ.",
     ]
-    if serving["vllm_compatible"]:
-        lines.append("Serving: vLLM can load it as a LoRA adapter. " + " ".join(serving["notes"]))
+    if serving.vllm_compatible:
+        lines.append("Serving: vLLM can load it as a LoRA adapter. " + " ".join(serving.notes))
     else:
-        lines.append("Serving: " + " ".join(serving["problems"]))
+        lines.append("Serving: " + " ".join(serving.problems))
     return "\n\n".join(line.rstrip() for line in lines)
 
 
-def _history(manifest: dict[str, Any]) -> str:
-    current = f"- **{manifest['version']}** (this version)" + (
-        f": {manifest['message']}" if manifest.get("message") else ""
-    )
-    earlier = [f"- {v}" for v in manifest.get("history", [])]
+def _history(manifest: Manifest) -> str:
+    current = f"- **{manifest.version}** (this version)" + (f": {manifest.message}" if manifest.message else "")
+    earlier = [f"- {v}" for v in manifest.history]
     return "## Version history\n\n" + "\n".join([current, *earlier])
 
 
-def _files(manifest: dict[str, Any]) -> str:
-    rows = [(f"`{f['path']}`", f"{f['size']:,}", f"`{f['sha256']}`") for f in manifest["files"]]
+def _files(manifest: Manifest) -> str:
+    rows = [(f"`{f.path}`", f"{f.size:,}", f"`{f.sha256}`") for f in manifest.files]
     return (
         "## Files\n\n"
         + _table(("file", "bytes", "sha256"), rows)

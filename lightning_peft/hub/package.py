@@ -8,6 +8,7 @@ placeholder README never travels. The same inputs give the same bytes, `created_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -113,7 +114,7 @@ class Package:
     """A package folder and what was learned while building it."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: manifest_lib.Manifest
     base: BaseModel
     lint: LintReport
     source: SourceAdapter
@@ -183,14 +184,14 @@ def package_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         if curve_note is None:
             payload.append(LOSS_CURVE_FILE)
         lint = lint_adapter_config(source.config)
-        data = _manifest(spec, source, base, base_fingerprint, record, lint)
-        data["files"] = manifest_lib.file_entries(staging, payload)
+        files = manifest_lib.file_entries(staging, payload)
+        manifest = _manifest(spec, source, base, base_fingerprint, record, lint, files)
         (staging / CARD_FILE).write_text(
-            build_card(data, description=spec.description, loss_curve_note=curve_note), encoding="utf-8"
+            build_card(manifest, description=spec.description, loss_curve_note=curve_note), encoding="utf-8"
         )
-        data["files"] = manifest_lib.file_entries(staging, [*payload, CARD_FILE])
-        (staging / manifest_lib.MANIFEST_FILE).write_bytes(manifest_lib.dumps(data))
-    return Package(Path(out_dir), data, base, lint, source)
+        manifest = dataclasses.replace(manifest, files=manifest_lib.file_entries(staging, [*payload, CARD_FILE]))
+        manifest_lib.write(staging, manifest)
+    return Package(Path(out_dir), manifest, base, lint, source)
 
 
 def _check_spec(spec: PackageSpec) -> None:
@@ -240,58 +241,60 @@ def _manifest(
     base_fingerprint: str,
     record: RunRecord,
     lint: LintReport,
-) -> dict[str, Any]:
-    return {
-        "format": manifest_lib.FORMAT,
-        "format_version": manifest_lib.FORMAT_VERSION,
-        "name": spec.name,
-        "version": spec.version,
-        "parent_version": spec.parent_version,
-        "history": list(spec.history),
-        "created_at": created_at(),
-        "message": spec.message,
-        "license": spec.license,
-        "base_model": {
-            "id": base.hub_id,
-            "revision": base.revision,
-            "fingerprint": base_fingerprint,
-            "fingerprint_method": FINGERPRINT_METHOD,
-            "weights": base.weights,
-            "alias": base.alias,
-        },
-        "adapter": _adapter_section(source),
-        "training": {"summary": record.summary, "hyperparameters": record.hyperparameters, "sources": record.sources},
-        "evaluation": record.evaluation,
-        "datasets": {
+    files: tuple[manifest_lib.FileEntry, ...],
+) -> manifest_lib.Manifest:
+    return manifest_lib.Manifest(
+        format=manifest_lib.FORMAT,
+        format_version=manifest_lib.FORMAT_VERSION,
+        name=spec.name,
+        version=spec.version,
+        parent_version=spec.parent_version,
+        history=tuple(spec.history),
+        created_at=created_at(),
+        message=spec.message,
+        license=spec.license,
+        base_model=manifest_lib.BaseModelInfo(
+            id=base.hub_id,
+            revision=base.revision,
+            fingerprint=base_fingerprint,
+            fingerprint_method=FINGERPRINT_METHOD,
+            weights=base.weights,
+            alias=base.alias,
+        ),
+        adapter=_adapter_section(source),
+        files=files,
+        training=manifest_lib.TrainingInfo(record.summary, record.hyperparameters, tuple(record.sources)),
+        evaluation=record.evaluation,
+        datasets=manifest_lib.DatasetsInfo(
             # Declared with --dataset, then those the run read from the Hub; local files by name only.
-            "hub": list(dict.fromkeys([*spec.datasets, *(source["id"] for source in record.hub_sources)])),
-            "files": record.data_files,
-            "hub_sources": record.hub_sources,
-        },
-        "libraries": library_versions(),
-        "serving": {
-            "vllm_compatible": lint.vllm_compatible,
-            "problems": lint.problems,
-            "notes": lint.notes,
-            "max_lora_rank": lint.max_lora_rank,
-        },
-    }
+            hub=tuple(dict.fromkeys([*spec.datasets, *(source["id"] for source in record.hub_sources)])),
+            files=record.data_files,
+            hub_sources=tuple(manifest_lib.HubSource(**source) for source in record.hub_sources),
+        ),
+        libraries=library_versions(),
+        serving=manifest_lib.ServingInfo(
+            vllm_compatible=lint.vllm_compatible,
+            problems=tuple(lint.problems),
+            notes=tuple(lint.notes),
+            max_lora_rank=lint.max_lora_rank,
+        ),
+    )
 
 
-def _adapter_section(source: SourceAdapter) -> dict[str, Any]:
+def _adapter_section(source: SourceAdapter) -> manifest_lib.AdapterInfo:
     hparams = {}
     for key in _ADAPTER_KEYS:
         value = source.config.get(key)
         if value is None or value == {} or value == []:
             continue
         hparams[key] = sorted(value) if isinstance(value, list) and key.endswith("modules") else value
-    return {
-        "method": str(source.config["peft_type"]).upper(),
-        "task_type": source.config.get("task_type"),
-        "peft_version": source.config.get("peft_version"),
-        "hyperparameters": hparams,
-        "parameters": _parameter_count(source),
-    }
+    return manifest_lib.AdapterInfo(
+        method=str(source.config["peft_type"]).upper(),
+        task_type=source.config.get("task_type"),
+        peft_version=source.config.get("peft_version"),
+        hyperparameters=hparams,
+        parameters=_parameter_count(source),
+    )
 
 
 def _parameter_count(source: SourceAdapter) -> int | None:

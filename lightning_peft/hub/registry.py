@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.errors import ConfigError, DataError
-from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path, dumps
+from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path, dumps, read
 
 if TYPE_CHECKING:
     from semver import Version
@@ -220,11 +220,11 @@ class LocalRegistry(Registry):
     @staticmethod
     def _entry_from_manifest(folder: Path) -> dict[str, Any]:
         try:
-            manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            manifest = read(folder)
+        except (OSError, DataError):
             return {}
-        keys = ("created_at", "message")
-        return {k: manifest.get(k) for k in keys} | {"manifest_sha256": _sha256(folder / MANIFEST_FILE)}
+        entry = {"created_at": manifest.created_at, "message": manifest.message}
+        return entry | {"manifest_sha256": _sha256(folder / MANIFEST_FILE)}
 
     def read_manifest(self, repo_id: str, version: Version) -> bytes:
         path = self._version_dir(repo_id, version) / MANIFEST_FILE

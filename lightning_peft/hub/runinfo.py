@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import DataError
-from lightning_peft.run_files import CSV_METRICS_FILE, HISTORY_FILE, SUMMARY_FILE, read_history
+from lightning_peft.run_files import (
+    CSV_METRICS_FILE,
+    HISTORY_FILE,
+    HPARAMS_FILE,
+    RUN_YAML_FILES,
+    SUMMARY_FILE,
+    read_history,
+    read_run_yaml,
+)
 
 _HPARAM_KEYS = (
     "learning_rate",
@@ -84,7 +92,7 @@ def find_run_dir(adapter_dir: Path, run_dir: str | Path | None = None) -> Path |
             raise DataError(f"`--run-dir` {run_dir} is not a folder.")
         return run_dir
     parent = adapter_dir.resolve().parent
-    if any((parent / name).is_file() for name in (HISTORY_FILE, CSV_METRICS_FILE, "hparams.yaml", SUMMARY_FILE)):
+    if any((parent / name).is_file() for name in (HISTORY_FILE, CSV_METRICS_FILE, HPARAMS_FILE, SUMMARY_FILE)):
         return parent
     return None
 
@@ -99,7 +107,7 @@ def read_run(adapter_dir: Path, run_dir: str | Path | None = None) -> RunRecord:
         _read_metrics(read_history(folder / HISTORY_FILE), record, HISTORY_FILE)
     elif (folder / CSV_METRICS_FILE).is_file():
         _read_metrics(_csv_rows(folder / CSV_METRICS_FILE), record, CSV_METRICS_FILE)
-    for name in ("hparams.yaml", "config.yaml"):
+    for name in RUN_YAML_FILES:
         if (folder / name).is_file():
             _read_hparams(folder / name, record)
     if (folder / SUMMARY_FILE).is_file():
@@ -149,7 +157,7 @@ def _number(text: Any) -> float | None:
 
 
 def _read_hparams(path: Path, record: RunRecord) -> None:
-    data = _load_yaml(path)
+    data = read_run_yaml(path)
     if not isinstance(data, dict):
         return
     record.sources.append(path.name)
@@ -172,20 +180,6 @@ def _read_hparams(path: Path, record: RunRecord) -> None:
 
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool)) and value != ""
-
-
-def _load_yaml(path: Path) -> Any:
-    """YAML as plain data; Python-object tags (which Lightning may write) become None instead of failing."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # a SafeLoader subclass
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid YAML: {err}") from err
 
 
 def _read_summary(path: Path, record: RunRecord) -> None:

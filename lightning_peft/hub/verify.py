@@ -11,9 +11,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.errors import ConfigError
 from lightning_peft.hub.fingerprint import fingerprint, locate_base
-from lightning_peft.hub.manifest import MANIFEST_FILE, parse
+from lightning_peft.hub.manifest import MANIFEST_FILE, read
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,18 @@ def check_base(adapter_dir: str | Path, base: str, *, force: bool = False) -> bo
 
     Raises:
         ConfigError: the fingerprints differ and `force` is False.
+        DataError: the manifest is malformed (a missing or wrong-typed field, the fingerprint included).
     """
     manifest_path = Path(adapter_dir) / MANIFEST_FILE
     if not manifest_path.is_file():
         return True
-    recorded = parse(manifest_path.read_bytes(), where=str(adapter_dir))["base_model"]
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("fingerprint"), str):
-        raise DataError(f"{manifest_path} records no base model fingerprint.")
+    recorded = read(Path(adapter_dir)).base_model  # a missing or malformed fingerprint fails here
     actual = fingerprint(locate_base(base).path)
-    if actual == recorded["fingerprint"]:
+    if actual == recorded.fingerprint:
         return True
     message = (
         f"The base model {base!r} (fingerprint {actual[:19]}…) is not the one this adapter was trained on "
-        f"({recorded.get('id') or 'a local model'}, fingerprint {recorded['fingerprint'][:19]}…)"
+        f"({recorded.id or 'a local model'}, fingerprint {recorded.fingerprint[:19]}…)"
     )
     if not force:
         raise ConfigError(f"{message}; load it onto that base, or pass --force to use it anyway.")

@@ -8,7 +8,8 @@
     server.generate(["Capital of Peru?", "Capital of Peru?"], adapters=["capitals", None], chat=True)
 
 Modules: `server` (`AdapterServer`), `batched` (mixed batches of plain LoRA adapters in a few ops per layer),
-`checks` (an adapter against a base, before loading), `references` (registry references pulled into a cache).
+`checks` (an adapter against a base, before loading), `references` (adapter sources; registry references
+pulled into a cache), `rows` (each row's adapter, prompts to a padded batch, generation settings), `templates`.
 Importing this package does not import torch.
 """
 

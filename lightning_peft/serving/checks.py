@@ -1,4 +1,7 @@
-"""Checks before an adapter is loaded onto a served base, or adapters are combined; no weights are read.
+"""Checks before an adapter is loaded onto a served base, or adapters are combined; no adapter weights are read.
+
+Besides the shapes: the adapter's name, the base fingerprint a package records, and (after loading) that every
+layer PEFT injected has weights in the file.
 
 An adapter's tensors are matched to the base's modules from the safetensors header alone: each LoRA tensor must
 name a module the base has, of the right kind, with the right number of input / output features. Besides linear
@@ -14,12 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.serving.rows import BASE
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftConfig
 
 _PEFT_PREFIX = "base_model.model."
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _LORA_KEYS = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B"
     r"|lora_magnitude_vector(?:\.weight)?)$"
@@ -167,4 +172,67 @@ def check_combinable(configs: list[PeftConfig], names: list[str], combination_ty
     if combination_type in same_rank and len(set(ranks.values())) > 1:
         raise ConfigError(
             f"`combination_type`={combination_type!r} needs adapters of one rank, got {ranks}; use 'cat' or 'svd'."
+        )
+
+
+def check_new_name(name: Any, loaded: list[str]) -> None:
+    """A name for a new adapter: letters, digits, '-' and '_', not 'base', not one of `loaded`."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in ("base", BASE):
+        raise ConfigError(
+            f"Adapter name {name!r} is not usable; use letters, digits, '-' and '_' ('base' means the base model)."
+        )
+    if name in loaded:
+        raise ConfigError(f"An adapter named {name!r} is already loaded; unload it first or choose another name.")
+
+
+def check_fingerprint(folder: Path, base_name: str, *, name: str, force: bool, verified: set[str]) -> None:
+    """The base fingerprint a package in `folder` records against `base_name` (`hub.check_base`).
+
+    `verified` holds the fingerprints already found to match: hashing the base's weights again would give the same
+    answer. A plain PEFT folder records none and passes (its shapes were checked).
+    """
+    from lightning_peft.hub import check_base
+    from lightning_peft.hub.manifest import MANIFEST_FILE, read
+
+    if not (folder / MANIFEST_FILE).is_file():
+        return
+    recorded = read(folder).base_model.fingerprint
+    if recorded in verified:
+        return
+    try:
+        if check_base(folder, base_name, force=force):
+            verified.add(recorded)
+    except ConfigError as err:
+        raise ConfigError(f"Adapter {name!r} ({folder}): {err}") from err
+
+
+def check_complete(peft_model: Any, name: str, folder: Path) -> None:
+    """Every layer PEFT gave adapter `name` must have its weights in the file; PEFT would only warn."""
+    from peft.tuners.lora import LoraLayer
+
+    injected = {
+        path.removeprefix(_PEFT_PREFIX)
+        for path, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and (name in module.lora_A or name in module.lora_embedding_A)
+    }
+    missing = sorted(injected - lora_modules(folder))
+    if missing:
+        raise ConfigError(
+            f"Adapter {name!r} ({folder}): adapter_config.json targets {len(missing)} modules that "
+            f"adapter_model.safetensors has no weights for (e.g. {missing[0]}); the file is incomplete or does "
+            "not belong to this config. Save the adapter again."
+        )
+
+
+def check_token_rows(config: Any, loaded: dict[str, PeftConfig], *, name: str, folder: Path) -> None:
+    """PEFT (0.21) cannot load an adapter without trainable tokens beside one with them, or the reverse."""
+    if not loaded:
+        return
+    has_rows = bool(getattr(config, "trainable_token_indices", None))
+    kinds = {bool(getattr(c, "trainable_token_indices", None)) for c in loaded.values()}
+    if kinds != {has_rows}:
+        which = "trains token rows (data.chat_template)" if has_rows else "trains no token rows"
+        raise ConfigError(
+            f"Adapter {name!r} ({folder}) {which}, unlike the adapters loaded ({', '.join(loaded)}); PEFT "
+            "cannot hold both kinds in one model, so serve them with separate AdapterServers."
         )

@@ -5,12 +5,31 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from lightning_peft.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_REFERENCE = re.compile(r"^[\w.-]+/[\w.-]+(@.+)?$")
+
+
+def adapter_folder(source: str | os.PathLike, *, registry: Any = None, cache_dir: str | os.PathLike) -> Path:
+    """The folder an adapter source names: an existing folder as it is, a registry reference pulled (cached).
+
+    Raises:
+        ConfigError: neither an existing folder nor a reference; see `fetch_reference` for references.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if isinstance(source, str) and _REFERENCE.match(source):
+        return fetch_reference(source, registry=registry, cache_dir=cache_dir)
+    raise ConfigError(
+        f"Adapter source {str(source)!r} is neither an existing folder nor a registry reference like 'org/name@^1'."
+    )
 
 
 def fetch_reference(reference: str, *, registry: Any = None, cache_dir: str | os.PathLike) -> Path:
@@ -23,7 +42,7 @@ def fetch_reference(reference: str, *, registry: Any = None, cache_dir: str | os
     from filelock import FileLock
 
     from lightning_peft.hub import get_registry, pull, split_spec
-    from lightning_peft.hub.manifest import MANIFEST_FILE, file_problems, parse
+    from lightning_peft.hub.manifest import MANIFEST_FILE, file_problems, read
     from lightning_peft.hub.registry import Registry, check_repo_id
     from lightning_peft.hub.versions import resolve
 
@@ -40,7 +59,7 @@ def fetch_reference(reference: str, *, registry: Any = None, cache_dir: str | os
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         manifest = folder / MANIFEST_FILE
-        if manifest.is_file() and not file_problems(folder, parse(manifest.read_bytes(), where=str(folder))):
+        if manifest.is_file() and not file_problems(folder, read(folder)):
             return folder
         pull(f"{repo_id}@{version}", folder, registry=store, overwrite=True)
     log.info("Pulled %s %s into %s", repo_id, version, folder)

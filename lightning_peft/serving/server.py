@@ -12,17 +12,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_peft.data.chat_templates import stop_token_ids
 from lightning_peft.errors import ConfigError
 from lightning_peft.serving.batched import ConcatenatedLora, batchable
-from lightning_peft.serving.checks import check_adapter, check_combinable, lora_modules, module_shapes
-from lightning_peft.serving.references import fetch_reference
+from lightning_peft.serving.checks import (
+    check_adapter,
+    check_combinable,
+    check_complete,
+    check_fingerprint,
+    check_new_name,
+    check_token_rows,
+    module_shapes,
+)
+from lightning_peft.serving.references import adapter_folder
+from lightning_peft.serving.rows import (
+    BASE,
+    BASE_ALIASES,
+    Prompt,
+    check_generation,
+    encode_prompts,
+    generation_settings,
+    group_rows,
+    row_adapters,
+    stitch_rows,
+    with_positions,
+)
 from lightning_peft.serving.templates import adapter_tokenizer
 
 if TYPE_CHECKING:
@@ -32,10 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # PEFT's name for "no adapter" in `adapter_names`
-_BASE_ALIASES = (None, "base", BASE)
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_REFERENCE = re.compile(r"^[\w.-]+/[\w.-]+(@.+)?$")
 COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")  # fmt: skip
 
@@ -136,11 +150,12 @@ class AdapterServer:
         Raises:
             ConfigError: a bad name or source, an adapter that does not fit the base, or pickle-only weights.
         """
-        self._check_new_name(name)
-        folder = self._folder_for(source)
+        check_new_name(name, self.names)
+        folder = adapter_folder(source, registry=self.registry, cache_dir=self.cache_dir)
         template = self._adapter_template(folder, name)
-        self._check_token_rows(check_adapter(folder, self._shapes, name=name), name, folder)
-        self._check_fingerprint(folder, name, force)
+        config = check_adapter(folder, self._shapes, name=name)
+        check_token_rows(config, self._peft.peft_config if self._peft is not None else {}, name=name, folder=folder)
+        check_fingerprint(folder, self.base_name, name=name, force=force, verified=self._verified_fingerprints)
         self._load_checked(name, folder)
         self._templates[name] = template
         log.info("Loaded adapter %r from %s", name, folder)
@@ -157,53 +172,6 @@ class AdapterServer:
                 self._shapes = module_shapes(self._base)
             self.tokenizer = adopt
         return template
-
-    def _check_token_rows(self, config: Any, name: str, folder: Path) -> None:
-        """PEFT (0.21) cannot load an adapter without trainable tokens beside one with them, or the reverse."""
-        if not self.names:
-            return
-        has_rows = bool(getattr(config, "trainable_token_indices", None))
-        loaded = {bool(getattr(c, "trainable_token_indices", None)) for c in self._peft.peft_config.values()}
-        if loaded != {has_rows}:
-            which = "trains token rows (data.chat_template)" if has_rows else "trains no token rows"
-            raise ConfigError(
-                f"Adapter {name!r} ({folder}) {which}, unlike the adapters loaded ({', '.join(self.names)}); PEFT "
-                "cannot hold both kinds in one model, so serve them with separate AdapterServers."
-            )
-
-    def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not _NAME.match(name) or name in ("base", BASE):
-            raise ConfigError(
-                f"Adapter name {name!r} is not usable; use letters, digits, '-' and '_' ('base' means the base model)."
-            )
-        if name in self.names:
-            raise ConfigError(f"An adapter named {name!r} is already loaded; unload it first or choose another name.")
-
-    def _folder_for(self, source: str | os.PathLike) -> Path:
-        path = Path(source).expanduser()
-        if path.exists():
-            return path
-        if isinstance(source, str) and _REFERENCE.match(source):
-            return fetch_reference(source, registry=self.registry, cache_dir=self.cache_dir)
-        raise ConfigError(
-            f"Adapter source {str(source)!r} is neither an existing folder nor a registry reference like 'org/name@^1'."
-        )
-
-    def _check_fingerprint(self, folder: Path, name: str, force: bool) -> None:
-        from lightning_peft.hub import check_base
-        from lightning_peft.hub.manifest import MANIFEST_FILE, parse
-
-        manifest_path = folder / MANIFEST_FILE
-        if not manifest_path.is_file():
-            return  # a plain PEFT adapter records no base; its shapes were checked
-        recorded = (parse(manifest_path.read_bytes(), where=str(folder)).get("base_model") or {}).get("fingerprint")
-        if recorded in self._verified_fingerprints:
-            return  # hashing the base's weights again would give the same answer
-        try:
-            if check_base(folder, self.base_name, force=force):
-                self._verified_fingerprints.add(recorded)
-        except ConfigError as err:
-            raise ConfigError(f"Adapter {name!r} ({folder}): {err}") from err
 
     def _load_checked(self, name: str, folder: Path) -> None:
         from peft import PeftModel
@@ -224,25 +192,11 @@ class AdapterServer:
         self._peft.eval()
         self._refresh_layers()
         self._set_active(self._active)  # loading must not change which adapter is active
-        self._check_complete(name, folder)
-
-    def _check_complete(self, name: str, folder: Path) -> None:
-        """Every layer PEFT gave the adapter must have its weights in the file; PEFT would only warn."""
-        from peft.tuners.lora import LoraLayer
-
-        injected = {
-            path.removeprefix("base_model.model.")
-            for path, module in self._peft.named_modules()
-            if isinstance(module, LoraLayer) and (name in module.lora_A or name in module.lora_embedding_A)
-        }
-        missing = sorted(injected - lora_modules(folder))
-        if missing:
+        try:
+            check_complete(self._peft, name, folder)
+        except ConfigError:
             self.unload(name)
-            raise ConfigError(
-                f"Adapter {name!r} ({folder}): adapter_config.json targets {len(missing)} modules that "
-                f"adapter_model.safetensors has no weights for (e.g. {missing[0]}); the file is incomplete or does "
-                "not belong to this config. Save the adapter again."
-            )
+            raise
 
     def _discard_partial(self, name: str) -> None:
         """Leave the server as it was before a failed load."""
@@ -269,7 +223,7 @@ class AdapterServer:
 
     def activate(self, name: str | None) -> None:
         """Make `name` the adapter used by default (`None` or "base": the base alone)."""
-        name = None if name in _BASE_ALIASES else name
+        name = None if name in BASE_ALIASES else name
         if name is not None:
             self._require_loaded([name])
         self._set_active(name)
@@ -334,7 +288,7 @@ class AdapterServer:
             ConfigError: unknown names or type, mismatched lengths or ranks, DoRA or non-LoRA adapters.
         """
         names = list(names)
-        self._check_new_name(new_name)
+        check_new_name(new_name, self.names)
         self._require_loaded(names)
         if not names or len(weights) != len(names):
             raise ConfigError(f"`weights` {list(weights)} must give one weight per adapter in {names}.")
@@ -356,7 +310,7 @@ class AdapterServer:
 
     def encode(
         self,
-        prompts: Sequence[str | list[dict[str, str]]],
+        prompts: Sequence[Prompt],
         *,
         chat: bool = False,
         adapters: str | Sequence[str | None] | None = None,
@@ -366,21 +320,10 @@ class AdapterServer:
         `chat` renders each prompt with the chat template of its row's adapter (the one saved with it, as in
         `forward`'s `adapters`), or the base's for rows of the base alone.
         """
+        templates = None
         if chat:
-            rows = self._row_adapters(adapters, len(prompts))
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}] if isinstance(p, str) else p,
-                    chat_template=self._chat_template(row),
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-                for p, row in zip(prompts, rows, strict=True)
-            ]
-            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        else:
-            encoded = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-        return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+            templates = [self._chat_template(row) for row in self._row_adapters(adapters, len(prompts))]
+        return encode_prompts(self.tokenizer, prompts, self.device, templates)
 
     def _chat_template(self, row: str) -> str:
         template = (None if row == BASE else self._templates.get(row)) or self.tokenizer.chat_template
@@ -401,19 +344,15 @@ class AdapterServer:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         rows = self._row_adapters(adapters, len(batch["input_ids"]))
-        batch = dict(batch)
-        if "attention_mask" in batch and "position_ids" not in batch:
-            # Positions count real tokens only, so a left-padded row sees the positions it would have alone.
-            batch["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        batch = with_positions(batch)
         groups = self._groups_to_run_apart(rows)
         if groups is None:
             return self._forward_rows(batch, rows)
-        logits = None
-        for name, index in groups.items():
-            part = self._forward_rows({k: v[index] for k, v in batch.items()}, [name] * len(index)).logits
-            logits = part.new_empty((len(rows), *part.shape[1:])) if logits is None else logits
-            logits[index] = part
-        return CausalLMOutputWithPast(logits=logits)
+        parts = {
+            name: self._forward_rows({k: v[index] for k, v in batch.items()}, [name] * len(index)).logits
+            for name, index in groups.items()
+        }
+        return CausalLMOutputWithPast(logits=stitch_rows(parts, groups, len(rows)))
 
     def _forward_rows(self, batch: dict[str, torch.Tensor], rows: list[str]) -> Any:
         import torch
@@ -423,7 +362,7 @@ class AdapterServer:
 
     def generate(
         self,
-        prompts: Sequence[str | list[dict[str, str]]],
+        prompts: Sequence[Prompt],
         adapters: str | Sequence[str | None] | None = None,
         *,
         chat: bool = False,
@@ -454,7 +393,7 @@ class AdapterServer:
 
     def generate_ids(
         self,
-        prompts: Sequence[str | list[dict[str, str]]],
+        prompts: Sequence[Prompt],
         adapters: str | Sequence[str | None] | None = None,
         *,
         chat: bool = False,
@@ -464,27 +403,12 @@ class AdapterServer:
         **kwargs: Any,
     ) -> torch.Tensor:
         """Like `generate`, but returns the new token ids (rows that stop early are padded with the pad token)."""
-        import torch
-
-        if temperature < 0 or max_new_tokens < 1:
-            raise ConfigError(
-                f"`temperature`={temperature} must be ≥ 0 and `max_new_tokens`={max_new_tokens} at least 1."
-            )
-        if streamer is not None and len(prompts) != 1:
-            raise ConfigError(f"A streamer follows one prompt at a time; got {len(prompts)} prompts.")
+        check_generation(prompts, max_new_tokens, temperature, streamer)
         rows = self._row_adapters(adapters, len(prompts))
         encoded = self.encode(prompts, chat=chat, adapters=rows)
-        pad = self.tokenizer.pad_token_id
-        if chat and "eos_token_id" not in kwargs:
-            # Chat replies end on their template's end-of-turn token, which may not be EOS (chatml on a base).
-            templates = {self._chat_template(row) for row in rows}
-            kwargs["eos_token_id"] = stop_token_ids(self.tokenizer, templates, self._base.generation_config)
-        settings = dict(
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.eos_token_id if pad is None else pad,
-            streamer=streamer,
-            **({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}),
-            **kwargs,
+        templates = {self._chat_template(row) for row in rows} if chat else None
+        settings = generation_settings(
+            self.tokenizer, max_new_tokens, temperature, streamer, kwargs, templates, self._base.generation_config
         )
         groups = self._groups_to_run_apart(rows)
         if groups is None:
@@ -493,10 +417,7 @@ class AdapterServer:
             name: self._generate_rows({k: v[index] for k, v in encoded.items()}, [name] * len(index), settings)
             for name, index in groups.items()
         }
-        new_tokens = torch.full((len(rows), max(p.shape[1] for p in parts.values())), settings["pad_token_id"])
-        for name, index in groups.items():
-            new_tokens[index, : parts[name].shape[1]] = parts[name].to(new_tokens.device)
-        return new_tokens
+        return stitch_rows(parts, groups, len(rows), fill=settings["pad_token_id"])
 
     def _generate_rows(self, encoded: dict[str, torch.Tensor], rows: list[str], settings: dict[str, Any]) -> Any:
         import torch
@@ -517,23 +438,10 @@ class AdapterServer:
         apart = any(getattr(c, "use_dora", False) or getattr(c, "target_parameters", None) for c in configs)
         if len(set(rows)) == 1 or not (apart or self._wrapped_modules):
             return None
-        groups: dict[str, list[int]] = {}
-        for index, name in enumerate(rows):
-            groups.setdefault(name, []).append(index)
-        return groups
+        return group_rows(rows)
 
     def _row_adapters(self, adapters: str | Sequence[str | None] | None, size: int) -> list[str]:
-        if adapters is None:
-            rows = [self._active] * size
-        elif isinstance(adapters, str):
-            rows = [adapters] * size
-        else:
-            rows = list(adapters)
-            if len(rows) != size:
-                raise ConfigError(
-                    f"`adapters` names {len(rows)} adapters for a batch of {size} rows; give one per row."
-                )
-        rows = [BASE if r in _BASE_ALIASES else r for r in rows]
+        rows = row_adapters(adapters, size, self._active)
         self._require_loaded(sorted({r for r in rows if r != BASE}))
         return rows
 
