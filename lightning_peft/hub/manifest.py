@@ -86,7 +86,7 @@ class HubSource:
 class DatasetsInfo:
     hub: tuple[str, ...]  # Hub data set ids: given at publish time (--dataset), then those the run read
     files: dict[str, str]  # local data file names by role: train, validation, test (", "-joined for a mixture)
-    hub_sources: tuple[HubSource, ...] = ()  # the Hub data sets the run read, by role (absent before 0.x)
+    hub_sources: tuple[HubSource, ...] = ()  # the Hub data sets the run read, by role (absent in older packages)
 
 
 @dataclass(frozen=True)
