@@ -90,3 +90,17 @@ class SGDPeftCausalLM(PeftCausalLM):
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.SGD(trainable, lr=self.hparams.learning_rate, momentum=self.MOMENTUM)
+
+
+def run_card_snippet(card_text: str, replacements: dict[str, str]) -> dict:
+    """Run a model card's first Python block as written, after `replacements` (Hub names → local folders, e.g.
+    '"acme/x", revision="v1.0.0"' → a package path); returns the names it defined (`model`, `tokenizer` ...)."""
+    import re
+
+    snippet = re.search(r"```python\n(.*?)```", card_text, re.S).group(1)
+    for old, new in replacements.items():
+        assert old in snippet, (old, snippet)
+        snippet = snippet.replace(old, new)
+    scope: dict = {}
+    exec(snippet, scope)  # the card's own text, written by the test that calls this
+    return scope

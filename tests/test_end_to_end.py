@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import quiet_trainer, run_card_snippet
 from lightning.pytorch import seed_everything
 from peft import PeftModel
 
@@ -56,6 +56,10 @@ def test_lora_learns_the_answer_format_and_reloads_with_plain_peft(smollm2_dir, 
     assert "Q4_1.gguf" in base.weights and "de-quantized to fp32" in base.weights
     card = (package.path / "README.md").read_text()
     assert base.weights in card and 'load_base_model("smollm2-135m-instruct")' in card
+    # The card's usage snippet, run as written (the repo name pointed at the package): the trained logits exactly.
+    scope = run_card_snippet(card, {'"acme/capitals", revision="v1.0.0"': repr(str(package.path))})
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(ids).logits, module.model(ids).logits, atol=0, rtol=0)
 
 
 def test_qlora_step_on_smollm2(smollm2_dir, tmp_path):

@@ -101,7 +101,9 @@ def test_model_card_round_trips_with_the_metadata(package):
     # The metrics were measured on a local file, which is not a Hub data set id: no model-index, the body has them.
     assert card.data.eval_results is None and "model-index" not in data
     assert "Last logged values, on validation: `val.jsonl`:" in text and "| val_ppl | 4.482 |" in text
-    assert "Data: train: `train.jsonl` (a local file); validation: `val.jsonl` (a local file); [acme/capitals-qa]" in text
+    assert (
+        "Data: train: `train.jsonl` (a local file); validation: `val.jsonl` (a local file); [acme/capitals-qa]" in text
+    )
     assert str(ModelCard(str(card))) == str(card)
     for section in ("## How to use", "## Training", "## Evaluation", "## Version history", "## Files", "vllm serve"):
         assert section in text

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import quiet_trainer, run_card_snippet
 from safetensors import safe_open
 from tiny import save_tiny_model
 from tolerance import TINY_FORWARD, assert_close_reordered
@@ -241,8 +241,6 @@ def test_chat_replies_stop_at_the_templates_end_of_turn(base_dir, chat_file, tmp
 def test_the_published_cards_usage_snippet_loads_the_tokens_and_the_logits(base_dir, chat_file, tmp_path):
     """The card's PEFT snippet, run as written (the Hub names pointed at local folders): it takes the adapter's
     tokenizer, grows the base for the added tokens, and gives the trained model's logits."""
-    import re
-
     from huggingface_hub import ModelCard
 
     from lightning_peft.hub import PackageSpec, package_adapter
@@ -251,14 +249,14 @@ def test_the_published_cards_usage_snippet_loads_the_tokens_and_the_logits(base_
     spec = PackageSpec(name="acme/chatml-tokens", version="1.0.0", base_model_id="acme-labs/tiny-base")
     package = package_adapter(tmp_path / "ad", tmp_path / "pkg", spec)
     text = ModelCard.load(package.path / "README.md").text
-    snippet = re.search(r"With PEFT:\n\n```python\n(.*?)```", text, re.S).group(1)
-    assert 'AutoTokenizer.from_pretrained("acme/chatml-tokens", revision="v1.0.0")' in snippet
-    assert "resize_token_embeddings(len(tokenizer))" in snippet
-    local = snippet.replace('"acme-labs/tiny-base"', repr(str(base_dir))).replace(
-        '"acme/chatml-tokens", revision="v1.0.0"', repr(str(package.path))
+    assert "resize_token_embeddings(len(tokenizer))" in text
+    scope = run_card_snippet(
+        text,
+        {
+            '"acme-labs/tiny-base"': repr(str(base_dir)),
+            '"acme/chatml-tokens", revision="v1.0.0"': repr(str(package.path)),
+        },
     )
-    scope: dict = {}
-    exec(local, scope)  # the card's own text, written by this test
     tokenizer = scope["tokenizer"]
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "say a"}], add_generation_prompt=True, tokenize=False

@@ -182,7 +182,7 @@ def _usage(manifest: Manifest) -> str:
     peft = (
         "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
-        + _tokenizer_lines(manifest, f'AutoTokenizer.from_pretrained("{base}")')
+        + (_adapter_tokenizer_lines(manifest) or f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n')
         + f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```'
     )
     lpeft = (
@@ -198,31 +198,36 @@ def _usage(manifest: Manifest) -> str:
     return f"## How to use\n\nWith PEFT:\n\n{peft}\n\nWith lightning-peft:\n\n{lpeft}\n\nWith vLLM:\n\n{vllm}"
 
 
-def _tokenizer_lines(manifest: Manifest, base_tokenizer: str) -> str:
-    """Load the adapter's own tokenizer when it ships one (its chat template; tokens the template added, whose
-    embedding rows the adapter carries and the base must first make room for), else `base_tokenizer`."""
+def _adapter_tokenizer_lines(manifest: Manifest) -> str | None:
+    """Code loading the adapter's own tokenizer when it ships one (its chat template; tokens the template added,
+    whose embedding rows the adapter carries and the base must first make room for); None when it ships none."""
     if not any(entry.path == "tokenizer_config.json" for entry in manifest.files):
-        return f"tokenizer = {base_tokenizer}\n"
-    line = "from transformers import AutoTokenizer\n" if "AutoTokenizer" not in base_tokenizer else ""
-    line += f'tokenizer = AutoTokenizer.from_pretrained("{manifest.name}", revision="v{manifest.version}")\n'
+        return None
+    lines = f'tokenizer = AutoTokenizer.from_pretrained("{manifest.name}", revision="v{manifest.version}")\n'
     if manifest.adapter.hyperparameters.get("trainable_token_indices"):
-        line += (
+        lines += (
             "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # the tokens the chat template added\n"
             "    base.resize_token_embeddings(len(tokenizer))\n"
         )
-    return line
+    return lines
 
 
 def _alias_usage(manifest: Manifest, base: str, short: str) -> str:
     """Usage for an adapter trained on a built-in alias: load that same base, so the logits are the trained ones."""
     name, version, alias = manifest.name, manifest.version, manifest.base_model.alias
+    tokenizer = _adapter_tokenizer_lines(manifest)
+    if tokenizer is None:
+        imports = "from lightning_peft.models import load_base_model, load_tokenizer\n"
+        tokenizer = f'tokenizer = load_tokenizer("{alias}")\n'
+    else:
+        imports = "from transformers import AutoTokenizer\n\nfrom lightning_peft.models import load_base_model\n"
     return (
         f"## How to use\n\nThis adapter was trained on {manifest.base_model.weights}, not on the files of "
         f"`{base}` itself: load that same base to get the logits it was trained for (lightning-peft converts it "
         f"from the package once, offline). `{base}`'s own weights are close but not identical.\n\n"
-        "```python\nfrom peft import PeftModel\nfrom lightning_peft.models import load_base_model, load_tokenizer\n\n"
+        f"```python\nfrom peft import PeftModel\n{imports}\n"
         f'base = load_base_model("{alias}")  # the built-in alias of {base}\n'
-        + _tokenizer_lines(manifest, f'load_tokenizer("{alias}")')
+        + tokenizer
         + f'model = PeftModel.from_pretrained(base, "{name}", revision="v{version}")\n```\n\n'
         f"```bash\nlpeft pull {name}@{version} --to adapters/{short}  # checks checksums and the base fingerprint\n```"
     )
