@@ -190,13 +190,14 @@ class AdapterServer:
         )
 
     def _check_fingerprint(self, folder: Path, name: str, force: bool) -> None:
+        from lightning_peft.files import read_bytes
         from lightning_peft.hub import check_base
         from lightning_peft.hub.manifest import MANIFEST_FILE, parse
 
         manifest_path = folder / MANIFEST_FILE
         if not manifest_path.is_file():
             return  # a plain PEFT adapter records no base; its shapes were checked
-        recorded = (parse(manifest_path.read_bytes(), where=str(folder)).get("base_model") or {}).get("fingerprint")
+        recorded = (parse(read_bytes(manifest_path), where=str(folder)).get("base_model") or {}).get("fingerprint")
         if recorded in self._verified_fingerprints:
             return  # hashing the base's weights again would give the same answer
         try:
