@@ -21,6 +21,7 @@ import bz2
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -116,7 +117,7 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
         )
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as err:  # torch's zip/unpickling errors name no file
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:  # torch's errors name no file
         raise CorruptFileError(
             f"{folder / STATE_FILE} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
             "resume from another checkpoint, e.g. ckpt_path='last'."
