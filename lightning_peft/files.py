@@ -52,6 +52,15 @@ def read_bytes(path: str | os.PathLike, *, fix: str = REDO) -> bytes:
         raise _unreadable(path, err) from err
 
 
+def read_text(path: str | os.PathLike, *, fix: str = REDO) -> str:
+    """The UTF-8 text of `path`; raises as `read_bytes`, and `CorruptFileError` for bytes that are not UTF-8."""
+    raw = read_bytes(path, fix=fix)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(f"{path} is damaged (not UTF-8 text, byte {err.start}): {fix}.") from err
+
+
 def read_json(path: str | os.PathLike, *, fix: str = REDO) -> Any:
     """The parsed JSON of `path`.
 
@@ -60,11 +69,9 @@ def read_json(path: str | os.PathLike, *, fix: str = REDO) -> Any:
         CorruptFileError: not UTF-8 or not valid JSON (the message gives the line and column).
         UnreadableFileError: the file cannot be read (permissions).
     """
-    raw = read_bytes(path, fix=fix)
+    text = read_text(path, fix=fix)
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise CorruptFileError(f"{path} is damaged (not UTF-8 text, byte {err.start}): {fix}.") from err
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise CorruptFileError(
             f"{path} is damaged (invalid JSON: {err.msg} at line {err.lineno} column {err.colno}): {fix}."

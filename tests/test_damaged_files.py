@@ -111,7 +111,7 @@ def test_pull_names_a_damaged_manifest(adapter, tmp_path):
     assert lpeft("publish", adapter, "acme/x", "--registry", registry, "--no-verify").exit_code == 0
     (registry / "acme/x/1.0.0/lpeft_manifest.json").write_text("{")
     result = lpeft("pull", "acme/x", "--to", tmp_path / "pulled", "--registry", registry)
-    assert_one_line(result, "acme/x", "not valid JSON")
+    assert_one_line(result, "acme/x 1.0.0: lpeft_manifest.json", r"is damaged \(invalid JSON: .*\): publish this")
     assert not (tmp_path / "pulled").exists()
 
 
@@ -190,3 +190,20 @@ def test_unreadable_adapter_folder_is_exit_code_3(pristine, tmp_path):
     finally:
         folder.chmod(0o755)
     assert_one_line(result, str(folder), "cannot be read (permission denied)")
+
+
+def test_damaged_run_file_is_named_when_publishing(pristine, tiny_model_dir, tmp_path):
+    adapter, _, _ = damaged_adapter(pristine, tmp_path, "truncated weights")
+    shutil.copy(pristine / WEIGHTS, adapter / WEIGHTS)
+    (adapter.parent / "run_summary.json").write_text('{"steps": 3')
+    result = lpeft("publish", adapter, "acme/x", "--registry", tmp_path / "registry", "--no-verify")
+    line = assert_one_line(result, str(adapter.parent / "run_summary.json"), r"is damaged \(invalid JSON")
+    assert line.endswith("delete it (the card then leaves out what it records) or pass --run-dir.")
+    assert not [p for p in (tmp_path / "registry").rglob("*") if p.is_file()]  # (an empty .staging folder stays)
+
+
+def test_prompts_file_that_is_not_text(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"caf\xe9\n")
+    result = lpeft("generate", "--model", tiny_model_dir, "--prompts-file", prompts)
+    assert_one_line(result, str(prompts), r"is damaged \(not UTF-8 text, byte 3\): save it as UTF-8 text")
