@@ -7,9 +7,11 @@ are read: no torch import unless tensors are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +44,8 @@ def check_folder(path: str | os.PathLike, what: str = "folder") -> Path:
 def read_bytes(path: str | os.PathLike, *, fix: str = REDO) -> bytes:
     """The contents of `path`; a missing or unreadable file raises one error naming it."""
     path = Path(path)
-    try:
+    with _reading(path, fix):
         return path.read_bytes()
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path} does not exist: {fix}.") from err
-    except IsADirectoryError as err:
-        raise CorruptFileError(f"{path} is a folder, not a file: {fix}.") from err
-    except OSError as err:
-        raise _unreadable(path, err) from err
 
 
 def read_text(path: str | os.PathLike, *, fix: str = REDO) -> str:
@@ -96,22 +92,15 @@ def read_safetensors_header(path: str | os.PathLike, *, fix: str = REDO) -> tupl
         CorruptFileError: the header is incomplete, not JSON, or names data past the end of the file.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise _damaged(path, f"{size} bytes, shorter than a safetensors header", fix)
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(_MAX_HEADER, size - 8):
-                raise _damaged(path, "incomplete safetensors header", fix)
-            raw = handle.read(length)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{path} does not exist: {fix}.") from err
-    except IsADirectoryError as err:
-        raise CorruptFileError(f"{path} is a folder, not a file: {fix}.") from err
-    except OSError as err:
-        raise _unreadable(path, err) from err
+    with _reading(path, fix), open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _damaged(path, f"{size} bytes, shorter than a safetensors header", fix)
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(_MAX_HEADER, size - 8):
+            raise _damaged(path, "incomplete safetensors header", fix)
+        raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except ValueError as err:
@@ -151,6 +140,21 @@ def check_files(folder: str | os.PathLike, *, fix: str = REDO) -> None:
             read_json(path, fix=fix)
         elif path.suffix == ".safetensors":
             read_safetensors_header(path, fix=fix)
+
+
+@contextlib.contextmanager
+def _reading(path: Path, fix: str) -> Iterator[None]:
+    """Turn the OSError of opening or reading `path` into an error that names it and the fix."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path} does not exist: {fix}.") from err
+    except IsADirectoryError as err:
+        raise CorruptFileError(f"{path} is a folder, not a file: {fix}.") from err
+    except UnreadableFileError:
+        raise
+    except OSError as err:
+        raise _unreadable(path, err) from err
 
 
 def _damaged(path: Path, reason: str, fix: str) -> CorruptFileError:
