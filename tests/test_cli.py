@@ -174,6 +174,18 @@ def test_config_parse_errors_are_one_line(tmp_path, yaml_text, override, expecte
     assert error_line(result).startswith("lpeft: error: " + expected.format(file=file))
 
 
+def test_every_unknown_key_is_named_at_once(tmp_path):
+    text = "model:\n  lerning_rate: 1\n  foo: 2\ndata:\n  batchsize: 4\ntrainer:\n  max_steps: 1\n  max_stepz: 3\n"
+    file = config_with(tmp_path, text)
+    result = lpeft("fit", "--config", file, "--trainer.max_epoch", "2", "--data.max_length", "8")
+    assert result.returncode == 2, result.stderr
+    assert error_line(result) == (
+        f"lpeft: error: {file}: unknown key model.lerning_rate (value 1); did you mean model.learning_rate?; also "
+        "unknown: model.foo, data.batchsize (did you mean data.batch_size?), trainer.max_epoch (did you mean "
+        "trainer.max_epochs?), trainer.max_stepz (did you mean trainer.max_steps?)"
+    )
+
+
 def test_config_parse_errors_keep_the_detail_under_debug(tmp_path):
     result = lpeft("--debug", "fit", "--config", config_with(tmp_path, "model:\n  quantization: 3bit\n"))
     assert result.returncode != 0
