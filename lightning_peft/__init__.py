@@ -13,17 +13,25 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AdapterServer": "lightning_peft.serving",
     "ConfigError": "lightning_peft.errors",
+    "CorruptFileError": "lightning_peft.errors",
     "DataError": "lightning_peft.errors",
     "MissingDependencyError": "lightning_peft.errors",
     "PeftCausalLM": "lightning_peft.module",
     "SFTDataModule": "lightning_peft.data",
+    "UnreadableFileError": "lightning_peft.errors",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
     from lightning_peft.data import SFTDataModule
-    from lightning_peft.errors import ConfigError, DataError, MissingDependencyError
+    from lightning_peft.errors import (
+        ConfigError,
+        CorruptFileError,
+        DataError,
+        MissingDependencyError,
+        UnreadableFileError,
+    )
     from lightning_peft.module import PeftCausalLM
     from lightning_peft.serving import AdapterServer
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_peft.atomic import staged_folder
 from lightning_peft.errors import ConfigError
+from lightning_peft.files import check_files, check_folder, read_json_object
 from lightning_peft.models import linear_module_names, portable_base_name, resolve_model
 
 if TYPE_CHECKING:
@@ -239,11 +240,14 @@ def read_adapter_config(directory: str | os.PathLike) -> PeftConfig:
     """The `PeftConfig` of a saved adapter folder (reads adapter_config.json only)."""
     from peft import PeftConfig
 
-    _check_adapter_folder(Path(directory))
+    check_adapter_folder(Path(directory))
     return PeftConfig.from_pretrained(str(directory))
 
 
-def _check_adapter_folder(directory: Path) -> None:
+def check_adapter_folder(directory: Path) -> None:
+    """Refuse what is not a readable PEFT adapter folder with safetensors weights before PEFT reads it: PEFT's own
+    errors for a damaged file (SafetensorError, JSONDecodeError) name neither the file nor a fix."""
+    check_folder(directory, "Adapter folder")
     if not (directory / "adapter_config.json").is_file():
         raise ConfigError(f"{directory} is not a PEFT adapter folder: adapter_config.json is missing.")
     if not (directory / "adapter_model.safetensors").is_file():
@@ -251,6 +255,8 @@ def _check_adapter_folder(directory: Path) -> None:
             f"{directory} has no adapter_model.safetensors; pickle weights (.bin) are never loaded — convert them "
             "with PEFT in a trusted environment first."
         )
+    read_json_object(directory / "adapter_config.json")
+    check_files(directory)
 
 
 def adapter_state_keys(peft_model: torch.nn.Module, adapter_name: str = "default") -> set[str]:
@@ -336,7 +342,7 @@ def load_adapter(base_model: torch.nn.Module, directory: str | os.PathLike, *, i
     """Load a PEFT adapter folder onto `base_model`, refusing pickle-only weights."""
     from peft import PeftModel
 
-    _check_adapter_folder(Path(directory))
+    check_adapter_folder(Path(directory))
     return with_portable_base(PeftModel.from_pretrained(base_model, directory, is_trainable=is_trainable))
 
 

@@ -16,6 +16,15 @@ class DataError(ValueError):
     """A data file is missing, malformed or unusable; the message names the file, the row and the field."""
 
 
+class CorruptFileError(DataError):
+    """A file a command reads is damaged (truncated, invalid JSON, a bad safetensors header) or of the wrong kind;
+    the message names the file, what is wrong and the fix (`lightning_peft.files`)."""
+
+
+class UnreadableFileError(OSError):
+    """A file or folder exists but this process cannot read it (permissions, I/O error); the message names it."""
+
+
 class MissingDependencyError(ImportError):
     """An optional package is needed for what was asked; the message holds the pip command."""
 

@@ -23,6 +23,7 @@ from lightning_peft.architectures import (
 )
 from lightning_peft.bnb_cpu import correct_cpu_dequantize_4bit
 from lightning_peft.errors import ConfigError, MissingDependencyError
+from lightning_peft.files import check_files
 
 if TYPE_CHECKING:
     import torch
@@ -303,7 +304,7 @@ def load_base_model(
 
     dtype = dtype or torch.float32
     bnb = quantization_config(quantization, dtype, quantization_options)
-    source = resolve_model(name_or_path)
+    source = check_model_files(resolve_model(name_or_path))
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     if attn_implementation not in (None, ATTN_AUTO):
         model_class = causal_lm_class(source, revision=revision, trust_remote_code=trust_remote_code)
@@ -330,6 +331,14 @@ def load_base_model(
     return model
 
 
+def check_model_files(source: str) -> str:
+    """`source`, after checking the JSON and safetensors files of a local model folder: transformers' errors for a
+    damaged file (SafetensorError, JSONDecodeError) name neither the file nor a fix."""
+    if os.path.isdir(source):
+        check_files(source, fix="re-download the model or save it again")
+    return source
+
+
 def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its bf16 CPU inference kernel.
 
@@ -351,7 +360,7 @@ def load_tokenizer(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            resolve_model(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+            check_model_files(resolve_model(name_or_path)), revision=revision, trust_remote_code=trust_remote_code
         )
     except OSError as err:
         raise ConfigError(_unreachable_message(name_or_path, err)) from err

@@ -34,7 +34,7 @@ from lightning_peft.callbacks.checkpoint_folder import (
     read_checkpoint,
 )
 from lightning_peft.data.collate import LengthGroupedSampler, ResumableDataLoader, ShuffleSampler
-from lightning_peft.errors import ConfigError
+from lightning_peft.errors import ConfigError, CorruptFileError
 
 FOLDER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", STATE_FILE, MARKER_FILE}
 WORKER = Path(__file__).with_name("resume_worker.py")
@@ -181,6 +181,13 @@ def test_half_written_folders_are_never_taken_for_last_or_best(tiny_model_dir, t
     assert newest_checkpoint([dirpath]) == dirpath / "last"
     with pytest.raises(ConfigError, match="not a complete AdapterCheckpoint folder"):
         read_checkpoint(dirpath / "step=9")
+    # The right sizes but damaged bytes (a disk or copy error): the file is named, with the way out.
+    for name, reason in (("adapter_model.safetensors", "incomplete safetensors header"), (STATE_FILE, "")):
+        shutil.copytree(dirpath / "last", dirpath / "damaged")
+        (dirpath / "damaged" / name).write_bytes(b"\xff" * (dirpath / "damaged" / name).stat().st_size)
+        with pytest.raises(CorruptFileError, match=rf"damaged/{name} is damaged \({reason}.*\): resume from another"):
+            read_checkpoint(dirpath / "damaged")
+        shutil.rmtree(dirpath / "damaged")
 
     # Top-k bookkeeping restored from a checkpoint forgets entries that are incomplete or gone.
     restored = AdapterCheckpoint(dirpath, "{step}", every_n_train_steps=2, save_top_k=-1)

@@ -148,10 +148,13 @@ def test_save_is_atomic_and_replaces_the_previous_adapter(tiny_model_dir, tmp_pa
 def test_load_adapter_refuses_pickle_only_weights(tiny_model_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (tmp_path / "adapter_model.bin").write_bytes(b"not unpickled")
+    (tmp_path / "empty").mkdir()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(ConfigError, match=r"no adapter_model.safetensors; pickle weights \(.bin\) are never loaded"):
         adapters.load_adapter(base, tmp_path)
     with pytest.raises(ConfigError, match="adapter_config.json is missing"):
+        adapters.load_adapter(base, tmp_path / "empty")
+    with pytest.raises(ConfigError, match="nothing is not a folder: it does not exist; check the path"):
         adapters.load_adapter(base, tmp_path / "nothing")
 
 

@@ -371,11 +371,7 @@ def test_what_cannot_be_carried_is_named():
             None,
             None,
         ),
-        (
-            {"roles": {"user": ["human"], "assistant": ["gpt"]}},
-            None,
-            "datasets[0].roles",
-        ),  # role/content data: no renaming
+        ({"roles": {"user": ["human"], "assistant": ["gpt"]}}, None, None),  # understood in role/content data too
         (
             {"message_property_mappings": {"role": "speaker", "content": "text"}},
             None,
@@ -388,10 +384,30 @@ def test_what_cannot_be_carried_is_named():
     ],
 )
 def test_chat_template_data_sets(entry, columns, reason_key):
+    """Axolotl's chat_template keys; `roles` that only restate the names understood anyway give no data.roles."""
     conversion = convert_axolotl(base(datasets=[{"path": "chat.jsonl", "type": "chat_template", **entry}]))
     data = conversion.config["data"]
-    assert data["format"] == "messages" and data.get("columns") == columns
+    assert data["format"] == "messages" and data.get("columns") == columns and "roles" not in data
     assert set(dropped(conversion)) == ({reason_key} if reason_key else set())
+
+
+@pytest.mark.parametrize(
+    ("roles", "expected", "reason_key"),
+    [
+        ({"assistant": ["gpt", "bot"], "user": ["human", "person"]}, {"bot": "assistant", "person": "user"}, None),
+        ({"assistant": ["wizard"], "system": None}, {"wizard": "assistant"}, None),
+        ({"narrator": ["n"]}, None, "datasets[0].roles"),
+        ({"assistant": "bot"}, None, "datasets[0].roles"),
+    ],
+)
+def test_chat_roles_become_data_roles(roles, expected, reason_key, tmp_path):
+    entry = {"path": "chat.jsonl", "type": "chat_template", "roles": roles}
+    conversion = convert_axolotl(base(datasets=[entry]))
+    assert conversion.config["data"].get("roles") == expected
+    assert set(dropped(conversion)) == ({reason_key} if reason_key else set())
+    mixture = convert_axolotl(base(datasets=[entry, {"path": "b.jsonl", "type": "alpaca"}]))
+    first, second = mixture.config["data"]["train_datasets"]
+    assert first.get("roles") == expected and "roles" not in second
 
 
 @pytest.mark.parametrize(
@@ -485,7 +501,7 @@ def test_the_mirrored_settings_match_lightning_peft():
     from lightning_peft.module import AttnImplementation, Optimizer, Scheduler
 
     assert keys.DATA_SUFFIXES == readers.SUFFIXES
-    assert keys.SHAREGPT_ROLES == formats.SHAREGPT_ROLES
+    assert keys.SHAREGPT_ROLES == formats.SHAREGPT_ROLES and keys.ROLES == formats.ROLES
     assert typing.get_args(AttnImplementation) == keys.ATTENTION
     assert set(keys.OPTIMIZERS.values()) <= set(typing.get_args(Optimizer))
     assert set(keys.SCHEDULERS.values()) <= set(typing.get_args(Scheduler))

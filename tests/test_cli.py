@@ -174,6 +174,18 @@ def test_config_parse_errors_are_one_line(tmp_path, yaml_text, override, expecte
     assert error_line(result).startswith("lpeft: error: " + expected.format(file=file))
 
 
+def test_every_unknown_key_is_named_at_once(tmp_path):
+    text = "model:\n  lerning_rate: 1\n  foo: 2\ndata:\n  batchsize: 4\ntrainer:\n  max_steps: 1\n  max_stepz: 3\n"
+    file = config_with(tmp_path, text)
+    result = lpeft("fit", "--config", file, "--trainer.max_epoch", "2", "--data.max_length", "8")
+    assert result.returncode == 2, result.stderr
+    assert error_line(result) == (
+        f"lpeft: error: {file}: unknown key model.lerning_rate (value 1); did you mean model.learning_rate?; also "
+        "unknown: model.foo, data.batchsize (did you mean data.batch_size?), trainer.max_epoch (did you mean "
+        "trainer.max_epochs?), trainer.max_stepz (did you mean trainer.max_steps?)"
+    )
+
+
 def test_config_parse_errors_keep_the_detail_under_debug(tmp_path):
     result = lpeft("--debug", "fit", "--config", config_with(tmp_path, "model:\n  quantization: 3bit\n"))
     assert result.returncode != 0
@@ -251,3 +263,24 @@ def test_adapter_merge_under_ddp_without_a_saved_adapter(tmp_path, tiny_model_di
     report = json.loads((run_dir / "merged" / "merge_report.json").read_text())
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "merged", "metrics.jsonl", "run_summary.json"]
+
+
+def test_an_unknown_message_role_is_one_line_and_data_roles_maps_it(tmp_path, tiny_model_dir):
+    turns = [[{"role": "user", "content": f"Q{i}"}, {"role": "wizard", "content": f"A{i}"}] for i in range(6)]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": t}) + "\n" for t in turns))
+    config = str(write_run_config(tmp_path, tiny_model_dir, data={"train_file": str(chat)}))
+    result = lpeft("fit", "--config", config)
+    assert result.returncode == 3
+    assert error_line(result) == (
+        "lpeft: error: chat.jsonl line 1: field `messages` item 1: role 'wizard' is not one of system, user, "
+        "assistant, tool (ShareGPT's human and gpt included); map it onto one with data.roles, e.g. "
+        "{wizard: assistant}."
+    )
+    mapped = ["--data.roles", "{wizard: assistant}"]
+    printed = lpeft("fit", "--config", config, *mapped, "--print_config")
+    assert printed.returncode == 0 and "    roles:\n      wizard: assistant\n" in printed.stdout, printed.stdout
+    result = lpeft("fit", "--config", config, *mapped)
+    assert result.returncode == 0, result.stderr
+    bad = lpeft("fit", "--config", config, "--data.roles", "{wizard: ai}")
+    assert bad.returncode == 2 and "`roles` maps {'wizard': 'ai'} to no standard role" in error_line(bad)

@@ -74,6 +74,8 @@ def test_every_argument_problem_in_one_message():
         ({"num_workers": -1}, r"`num_workers`=-1 must be an integer of at least 0"),
         ({"format": "sharegpt"}, r"`format`='sharegpt' must be one of auto, messages, prompt_completion"),
         ({"columns": ["text"]}, r"`columns`=\['text'\] must be a mapping"),
+        ({"roles": ["gpt"]}, r"`roles`=\['gpt'\] must map the data's role names to system, user, assistant, tool"),
+        ({"roles": {"bot": "ai"}}, r"`roles` maps \{'bot': 'ai'\} to no standard role; map each role name to one"),
         ({"train_file": ""}, r"`train_file`='' must be the path of a data file"),
     ],
 )
@@ -304,6 +306,7 @@ def test_cache_hit_skips_reading_and_tokenizing(chat_file, tiny_tokenizer, count
         {"truncation": False},
         {"format": "messages"},
         {"columns": {"text": "messages"}},
+        {"roles": {"gpt": "user"}},
     ],
 )
 def test_cache_key_changes_with_settings(chat_file, tiny_tokenizer, counted, change):

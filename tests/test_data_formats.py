@@ -27,9 +27,11 @@ CHAT = [
 ]
 
 
-def tokenize(rows, tokenizer, fmt="auto", columns=None, max_length=512, truncation=True, train_on_prompt=False):
+def tokenize(
+    rows, tokenizer, fmt="auto", columns=None, max_length=512, truncation=True, train_on_prompt=False, roles=None
+):
     records = Records(Path("train.jsonl"), rows, "line", list(range(1, len(rows) + 1)))
-    used, rendered = render_records(records, fmt, columns or {}, tokenizer, train_on_prompt)
+    used, rendered = render_records(records, fmt, columns or {}, tokenizer, train_on_prompt, roles)
     return tokenize_rendered(rendered, tokenizer, max_length, truncation, used, records.where)
 
 
@@ -185,6 +187,39 @@ def test_sharegpt_conversations_through_the_column_mapping(tiny_tokenizer):
     data = tokenize([{"conversations": turns}], tiny_tokenizer, columns={"messages": "conversations"})
     assert data.format == "messages"
     assert supervised_runs(tiny_tokenizer, data) == ["Hello!" + EOS]
+
+
+def test_unknown_role_names_the_role_the_row_and_the_accepted_roles(tiny_tokenizer):
+    rows = [{"messages": CHAT}, {"messages": [{"role": "user", "content": "Hi"}, {"role": "wizard", "content": "Hm"}]}]
+    with pytest.raises(DataError) as info:
+        tokenize(rows, tiny_tokenizer)
+    assert str(info.value) == (
+        "train.jsonl line 2: field `messages` item 1: role 'wizard' is not one of system, user, assistant, tool "
+        "(ShareGPT's human and gpt included); map it onto one with data.roles, e.g. {wizard: assistant}."
+    )
+    sharegpt = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello!"}]}]
+    with pytest.raises(DataError, match=r"line 1: field `messages` \(column `conversations`\) item 1: role 'bot'"):
+        tokenize(sharegpt, tiny_tokenizer, columns={"messages": "conversations"})
+
+
+def test_roles_map_the_data_roles_onto_the_standard_ones(tiny_tokenizer):
+    turns = [{"role": "narrator", "content": "Be brief."}, {"role": "human", "content": "Hi"}]
+    turns += [{"role": "wizard", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    turns += [{"role": "wizard", "content": "4"}]
+    roles = {"narrator": "system", "wizard": "assistant"}
+    data = tokenize([{"messages": turns}], tiny_tokenizer, roles=roles)
+    # The same tokens and labels as the conversation written with the standard roles.
+    reference = tokenize([{"messages": CHAT}], tiny_tokenizer)
+    assert np.array_equal(data.input_ids, reference.input_ids) and np.array_equal(data.labels, reference.labels)
+    assert supervised_runs(tiny_tokenizer, data) == ["Hello!" + EOS, "4" + EOS]
+    # ShareGPT's `from` goes through the same mapping, and a mapping may override ShareGPT's own names.
+    sharegpt = [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello!"}]
+    data = tokenize(
+        [{"conversations": sharegpt}], tiny_tokenizer, columns={"messages": "conversations"}, roles={"bot": "assistant"}
+    )
+    assert supervised_runs(tiny_tokenizer, data) == ["Hello!" + EOS]
+    data = tokenize([{"messages": CHAT}], tiny_tokenizer, roles={"user": "assistant", "assistant": "user"})
+    assert supervised_runs(tiny_tokenizer, data) == ["Hi" + EOS, "2+2?" + EOS]
 
 
 def test_mapped_column_missing_names_field_and_column(tiny_tokenizer):

@@ -281,3 +281,23 @@ def test_a_mapping_sets_the_format_and_columns_of_its_own_file(tmp_path, tiny_to
     assert tiny_tokenizer.decode(dm.predict_dataset[0]["input_ids"]).endswith("Why?")
     assert dm.stats["test"]["examples"] == 1
     assert tiny_tokenizer.decode(dm.test_dataset[0]["input_ids"]).startswith("a test text")
+
+
+def test_each_source_maps_its_own_roles(tmp_path, tiny_tokenizer):
+    """A mixture entry's `roles` replaces `data.roles` for its file; the loss is on the turns mapped to assistant."""
+    turn = [{"role": "human", "content": "Hi"}]
+    bot = write_jsonl(tmp_path / "bot.jsonl", [{"messages": [*turn, {"role": "bot", "content": "Hello!"}]}] * 2)
+    wizard = write_jsonl(tmp_path / "wizard.jsonl", [{"messages": [*turn, {"role": "wizard", "content": "Hm."}]}])
+    datasets = [bot, {"path": wizard, "roles": {"wizard": "assistant"}}]
+    dm = SFTDataModule(train_datasets=datasets, roles={"bot": "assistant"}, tokenizer=tiny_tokenizer, max_length=64)
+    dm.setup("fit")
+    answers = set()
+    for i in range(len(dm.train_dataset)):
+        example = dm.train_dataset[i]
+        answers.add(tiny_tokenizer.decode(example["input_ids"][example["labels"] != -100]))
+    assert answers == {"Hello!<|im_end|>", "Hm.<|im_end|>"}
+    with pytest.raises(ConfigError, match=r"`train_datasets\[0\]`: `roles` maps \{'x': 'bot'\} to no standard role"):
+        SFTDataModule(train_datasets=[{"path": bot, "roles": {"x": "bot"}}])
+    unmapped = SFTDataModule(train_datasets=[bot, wizard], roles={"bot": "assistant"}, tokenizer=tiny_tokenizer)
+    with pytest.raises(DataError, match=r"^wizard\.jsonl line 1: field `messages` item 1: role 'wizard' is not one"):
+        unmapped.setup("fit")

@@ -237,7 +237,7 @@ def test_manifest_parse_rejects_escaping_and_bad_entries(package):
         broken = {**manifest, "files": [*manifest["files"], bad]}
         with pytest.raises(DataError, match=message):
             parse(json.dumps(broken).encode(), where="test")
-    with pytest.raises(DataError, match="not valid JSON"):
+    with pytest.raises(DataError, match=r"test: lpeft_manifest.json is damaged \(invalid JSON: .*\): publish this"):
         parse(b"{", where="test")
     with pytest.raises(DataError, match="lacks base_model, files"):
         parse(b'{"format": 1, "format_version": 1, "name": "a/b", "version": "1.0.0"}', where="test")

@@ -21,6 +21,7 @@ import bz2
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 from lightning_peft.adapters import save_options
-from lightning_peft.errors import ConfigError
+from lightning_peft.errors import ConfigError, CorruptFileError
+from lightning_peft.files import check_folder, load_safetensors, read_json_object
 
 STATE_FILE = "trainer_state.ckpt"
 MARKER_FILE = "lpeft_checkpoint.json"
@@ -107,21 +109,25 @@ def write_checkpoint(
 
 def read_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
     """The Lightning checkpoint dict of a checkpoint folder, with `state_dict` rebuilt from the adapter file."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
+    folder = check_folder(folder, "Checkpoint folder")
     if not is_complete(folder):
         raise ConfigError(
             f"{folder} is not a complete AdapterCheckpoint folder ({MARKER_FILE} is missing or a file is short): it "
             "was still being written when its run stopped. Resume from another checkpoint, e.g. ckpt_path='last'."
         )
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:  # torch's errors name no file
+        raise CorruptFileError(
+            f"{folder / STATE_FILE} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
+            "resume from another checkpoint, e.g. ckpt_path='last'."
+        ) from err
     if "optimizer_states" in state:
         state["optimizer_states"] = _map_tensors(state["optimizer_states"], None)
     keys = state.pop("adapter_state_keys", {})
     adapter_file = folder / state.pop("adapter_file", "adapter_model.safetensors")
     if keys:
-        tensors = load_file(adapter_file)
+        tensors = load_safetensors(adapter_file, fix="resume from another checkpoint, e.g. ckpt_path='last'")
         missing = sorted(set(keys.values()) - set(tensors))
         if missing:
             raise ConfigError(f"{adapter_file} lacks the adapter tensors {missing[:5]}: the checkpoint was altered.")
@@ -151,7 +157,7 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 def checkpoint_info(folder: str | os.PathLike) -> dict[str, Any]:
     """The marker of a complete checkpoint folder: `global_step`, `epoch`, `saved_at_ns`, `files`."""
-    return json.loads((Path(folder) / MARKER_FILE).read_text())
+    return read_json_object(Path(folder) / MARKER_FILE)
 
 
 def newest_checkpoint(directories: Iterable[str | os.PathLike]) -> Path | None:

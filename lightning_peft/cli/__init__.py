@@ -14,15 +14,16 @@ from collections.abc import Callable, Sequence
 import click
 
 from lightning_peft import __version__
-from lightning_peft.errors import ConfigError, DataError, MissingDependencyError
+from lightning_peft.errors import ConfigError, DataError, MissingDependencyError, UnreadableFileError
 
-# Exit codes: 1 unexpected failure, 2 bad usage or configuration (as click and jsonargparse use), 3 bad data,
-# 4 a missing optional dependency, 130 interrupted.
+# Exit codes: 1 unexpected failure, 2 bad usage or configuration (as click and jsonargparse use), 3 bad data or a
+# missing, damaged or unreadable file, 4 a missing optional dependency, 130 interrupted.
 _EXIT_CODES: dict[type[BaseException], int] = {
     ConfigError: 2,
     DataError: 3,
     MissingDependencyError: 4,
     FileNotFoundError: 3,
+    UnreadableFileError: 3,
 }
 LIGHTNING_SUBCOMMANDS = {
     "fit": "Fine-tune a model (LightningCLI: --config, --print_config, --model.*, --data.*, --trainer.*).",

@@ -24,6 +24,8 @@ _GOT_VALUE = re.compile(r"Got value: (.*)")
 _GIVEN_VALUE = re.compile(r"Given value: (.*)")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 _MISSING = object()
+# The keys a class section holds besides its arguments (`model: {class_path: ..., init_args: {...}}`).
+_CLASS_KEYS = ("class_path", "init_args", "dict_kwargs", "__path__")
 
 ValidKeys = Callable[[str, "str | None"], Sequence[str]]
 """Valid keys of a section (`trainer`, `model`, or `""` for the top level), given the class_path that section
@@ -64,7 +66,48 @@ def _unknown_key_line(key: str, message: str, args: Sequence[str], valid_keys: V
         line += f"; did you mean {_join(section, close[0])}?"
     elif candidates:
         line += f"; valid keys{' of ' + section if section else ''}: {', '.join(sorted(candidates))}"
+    # jsonargparse stops at the first unknown key: name the others too, so that one run shows every typo.
+    others = [
+        other + (f" (did you mean {_join(other.rpartition('.')[0], match[0])}?)" if match else "")
+        for other, names in _unknown_keys(args, valid_keys, {section: class_path})
+        if other != key
+        for match in [difflib.get_close_matches(other.rpartition(".")[2], names, n=1)]
+    ]
+    if others:
+        line += f"; also unknown: {', '.join(others)}"
     return _in_file(file, line)
+
+
+def _unknown_keys(
+    args: Sequence[str], valid_keys: ValidKeys, class_paths: dict[str, str | None]
+) -> list[tuple[str, list[str]]]:
+    """Every unknown `section.key` (or top-level key) set in the config files or by flags, with the valid names of
+    its section. Sections whose valid keys are not known (an empty list) are not judged; nor are deeper keys."""
+    given: dict[str, set[str]] = {}  # section ("" for the top level) -> the names set in it
+    for path in _config_files(args):
+        tree = _load_yaml(path)
+        if not isinstance(tree, dict):
+            continue
+        for top, value in tree.items():
+            given.setdefault("", set()).add(str(top))
+            if isinstance(value, dict):
+                inner = (
+                    {**value, **(value.get("init_args") or {})} if isinstance(value.get("init_args"), dict) else value
+                )
+                given.setdefault(str(top), set()).update(str(k) for k in inner if k not in _CLASS_KEYS)
+                if isinstance(value.get("class_path"), str):
+                    class_paths.setdefault(str(top), value["class_path"])
+    for arg in args:
+        flag = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        parts = _user_key(flag).split(".")
+        if len(parts) == 2 and flag not in ("config", "print_config"):
+            given.setdefault(parts[0], set()).add(parts[1])
+    found = []
+    for section, names in given.items():
+        valid = sorted({k.split(".")[0] for k in valid_keys(section, class_paths.get(section))})
+        if valid:
+            found += [(_join(section, name), valid) for name in sorted(names) if name not in valid]
+    return found
 
 
 def _literal_line(message: str, args: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.files import read_text
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 BASE_LABEL = "base"  # AdapterServer reads it as the base model alone
@@ -80,7 +81,7 @@ def _read_prompts(prompts: tuple[str, ...], path: Path | None) -> list[str]:
         raise ConfigError("Give the prompts with `--prompt TEXT` (repeatable) or `--prompts-file FILE`, not both.")
     if not path:
         return list(prompts)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, fix="save it as UTF-8 text, one prompt per line").splitlines()
     if path.suffix.lower() == ".jsonl":
         found = [_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
     else:

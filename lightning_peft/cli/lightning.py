@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing
 import warnings
 from typing import Any, NoReturn
 
@@ -46,7 +47,13 @@ class LpeftArgumentParser(LightningArgumentParser):
             return _class_keys(class_path)
         prefix = f"{section}." if section else ""
         keys = [a.dest[len(prefix) :] for a in self._actions if a.dest.startswith(prefix)]
-        return [k for k in keys if k not in ("help", "config", "print_config")]
+        keys = [k for k in keys if k not in ("help", "config", "print_config")]
+        if section and not keys:  # a class section (`model`, `data`): its default class's arguments
+            action = next((a for a in self._actions if a.dest == section), None)
+            hint = getattr(action, "_typehint", None)
+            classes = [c for c in (typing.get_args(hint) or (hint,)) if isinstance(c, type) and c is not type(None)]
+            return _class_keys(f"{classes[0].__module__}.{classes[0].__qualname__}") if classes else []
+        return keys
 
 
 def _raised_by_lightning_peft(err: BaseException) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_peft.data.chat_templates import resolve as resolve_chat_template
 from lightning_peft.data.formats import FIELDS, FORMATS
-from lightning_peft.data.sources import DataSource, parse_mixture, parse_source
+from lightning_peft.data.sources import DataSource, parse_mixture, parse_source, role_problems
 from lightning_peft.errors import ConfigError
 
 # The settings that each take one source.
@@ -33,6 +33,7 @@ def validate_arguments(**args: Any) -> tuple[dict[str, DataSource], list[DataSou
     if args["format"] not in ("auto", *FORMATS):
         problems.append(f"`format`={args['format']!r} must be one of auto, {', '.join(FORMATS)}")
     problems.extend(_column_problems(args["columns"]))
+    problems.extend(role_problems(args["roles"]))
     if args["chat_template"] is not None:
         try:
             resolve_chat_template(args["chat_template"])

@@ -66,6 +66,9 @@ class SFTDataModule(LightningDataModule):
             input, output; loss on the output), "text" (plain language modelling), or "auto" to detect it.
         columns: our field name -> the file's column, e.g. {"messages": "conversations", "prompt": "question"}.
             Fields: messages, prompt, completion, instruction, input, output, text.
+        roles: the data's role names -> the standard roles (system, user, assistant, tool), e.g.
+            {"human": "user", "bot": "assistant"}. ShareGPT's human and gpt are understood without it; a message
+            with any other role is an error naming the row. The loss is taken on the turns mapped to assistant.
         max_length: the longest example, and with packing the longest packed row, in tokens.
         truncation: cut longer examples to `max_length` (counted and logged); false makes them an error.
         train_on_prompt: take the loss on every token (system, user and prompt text too), not only the answers.
@@ -94,7 +97,7 @@ class SFTDataModule(LightningDataModule):
             A prompt longer than `max_length` keeps its last `max_length` tokens if `truncation` is on (counted and
             logged), else is an error. Generation settings belong to `lightning_peft.callbacks.PredictionWriter`.
         train_datasets: instead of `train_file`, several training sources mixed into one (seeded by `seed`): a
-            list of the same forms, where a mapping may set its own `format` and `columns` and either `weight` (a
+            list of the same forms, where a mapping may set its own `format`, `columns` and `roles` and either `weight` (a
             multiplier of its size: 0.5 half, 2 twice) or `count` (exactly this many examples); see `mixing.py`.
     """
 
@@ -105,6 +108,7 @@ class SFTDataModule(LightningDataModule):
         val_fraction: float | None = None,
         format: DataFormat = "auto",
         columns: dict[str, str] | None = None,
+        roles: dict[str, str] | None = None,
         max_length: int = 512,
         truncation: bool = True,
         train_on_prompt: bool = False,
@@ -132,6 +136,7 @@ class SFTDataModule(LightningDataModule):
             val_fraction=val_fraction,
             format=format,
             columns=columns,
+            roles=roles,
             max_length=max_length,
             batch_size=batch_size,
             val_batch_size=val_batch_size,
@@ -144,7 +149,7 @@ class SFTDataModule(LightningDataModule):
         self.predict_file, self.test_file = _str_or_none(predict_file), _str_or_none(test_file)
         self.train_datasets = list(train_datasets) if train_datasets else None
         self.val_fraction = val_fraction
-        self.format, self.columns = format, dict(columns or {})
+        self.format, self.columns, self.roles = format, dict(columns or {}), dict(roles or {})
         self.max_length, self.truncation, self.train_on_prompt = max_length, truncation, train_on_prompt
         self.packing, self.group_by_length = packing, group_by_length
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -284,6 +289,7 @@ class SFTDataModule(LightningDataModule):
             load_hub_dataset(source).records() if source.hub else str(require_exists(source.path, source.setting)),
             fmt=source.format or self.format,
             columns=self.columns if source.columns is None else source.columns,
+            roles=self.roles if source.roles is None else source.roles,
             max_length=self.max_length,
             truncation=self.truncation,
             tokenizer=self._require_tokenizer(),
@@ -357,6 +363,7 @@ class SFTDataModule(LightningDataModule):
             path,
             fmt=fmt,
             columns=self.columns if source.columns is None else source.columns,
+            roles=self.roles if source.roles is None else source.roles,
             max_length=self.max_length,
             truncation=self.truncation,
             train_on_prompt=self.train_on_prompt,

@@ -50,7 +50,10 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# The roles chat templates know; a message with another role is an error unless `roles` maps it onto one of these.
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 # ShareGPT files say {"from": "human", "value": ...}; the chat templates want {"role": "user", "content": ...}.
+# These role names are understood in every conversation (`roles` adds others or overrides them).
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -123,18 +126,24 @@ def render_records(
     mapping: Mapping[str, str],
     tokenizer: Any,
     train_on_prompt: bool = False,
+    roles: Mapping[str, str] | None = None,
 ) -> tuple[str, list[Rendered]]:
     """Render every record; `fmt` "auto" is resolved from the columns. Returns (format, rendered examples).
+
+    `roles` maps the data's role names onto `ROLES` (ShareGPT's human and gpt are mapped without it); a message
+    whose role is none of `ROLES` after that is an error naming the row.
 
     Raises:
         DataError: a record lacks a field or has one of the wrong type, or the chat template fails on it.
         ConfigError: a chat format with a tokenizer that has no chat template.
     """
     fmt = _resolve_format(records, fmt, mapping, REQUIRED)
-    return fmt, _render_each(records, mapping, _renderer(fmt, tokenizer, train_on_prompt))
+    return fmt, _render_each(records, mapping, roles, _renderer(fmt, tokenizer, train_on_prompt))
 
 
-def render_prompts(records: Records, fmt: str, mapping: Mapping[str, str], tokenizer: Any) -> tuple[str, list[Prompt]]:
+def render_prompts(
+    records: Records, fmt: str, mapping: Mapping[str, str], tokenizer: Any, roles: Mapping[str, str] | None = None
+) -> tuple[str, list[Prompt]]:
     """Render every record's prompt for generation; `fmt` "auto" is resolved from the prompt columns alone.
 
     messages: the conversation without its final assistant turn (that turn is the reference), or the whole
@@ -147,7 +156,7 @@ def render_prompts(records: Records, fmt: str, mapping: Mapping[str, str], token
         ConfigError: a chat format with a tokenizer that has no chat template.
     """
     fmt = _resolve_format(records, fmt, mapping, PROMPT_REQUIRED)
-    return fmt, _render_each(records, mapping, _prompter(fmt, tokenizer))
+    return fmt, _render_each(records, mapping, roles, _prompter(fmt, tokenizer))
 
 
 def _resolve_format(records: Records, fmt: str, mapping: Mapping[str, str], required: Mapping) -> str:
@@ -159,11 +168,11 @@ def _resolve_format(records: Records, fmt: str, mapping: Mapping[str, str], requ
         raise DataError(f"{records.path.name}: {err}") from None
 
 
-def _render_each(records: Records, mapping: Mapping[str, str], render) -> list:
-    out = []
+def _render_each(records: Records, mapping: Mapping[str, str], roles: Mapping[str, str] | None, render) -> list:
+    out, role_names = [], {**SHAREGPT_ROLES, **(roles or {})}
     for i, row in enumerate(records.rows):
         try:
-            out.append(render(_Row(row, mapping)))
+            out.append(render(_Row(row, mapping, role_names)))
         except RowError as err:
             raise DataError(f"{records.where(i)}: {err}") from None
     return out
@@ -245,10 +254,10 @@ def _completion(prompt: str, completion: str, train_on_prompt: bool) -> Rendered
 
 
 class _Row:
-    """One record seen through the column mapping, with typed accessors that raise `RowError`."""
+    """One record seen through the column and role mappings, with typed accessors that raise `RowError`."""
 
-    def __init__(self, row: dict[str, Any], mapping: Mapping[str, str]):
-        self.row, self.mapping = row, mapping
+    def __init__(self, row: dict[str, Any], mapping: Mapping[str, str], roles: Mapping[str, str] = SHAREGPT_ROLES):
+        self.row, self.mapping, self.roles = row, mapping, roles
 
     def _name(self, field: str) -> str:
         return _column(field, self.mapping)
@@ -281,7 +290,7 @@ class _Row:
         out = []
         for j, message in enumerate(value):
             if isinstance(message, dict) and "role" not in message and {"from", "value"} <= message.keys():
-                message = {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message["value"]}
+                message = {"role": message["from"], "content": message["value"]}
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise RowError(f"field {self._name(field)} must be {shape}; item {j} is {_describe(message)}.")
             if not isinstance(message.get("content"), str):
@@ -289,8 +298,17 @@ class _Row:
                     f"field {self._name(field)} item {j}: `content` must be a string, "
                     f"got {_type(message.get('content'))}."
                 )
-            out.append(message)
+            out.append({**message, "role": self._role(field, j, message["role"])})
         return out
+
+    def _role(self, field: str, j: int, role: str) -> str:
+        standard = self.roles.get(role, role)
+        if standard not in ROLES:
+            raise RowError(
+                f"field {self._name(field)} item {j}: role {role!r} is not one of {', '.join(ROLES)} (ShareGPT's "
+                f"human and gpt included); map it onto one with data.roles, e.g. {{{role}: assistant}}."
+            )
+        return standard
 
 
 class ChatRenderer:

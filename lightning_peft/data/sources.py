@@ -8,7 +8,7 @@ either a string or a mapping, in the shape Axolotl users already write under `da
     train_file: hf://datasets/HuggingFaceH4/ultrachat_200k@main   # explicitly the Hub, optionally @revision
     train_file: {path: HuggingFaceH4/ultrachat_200k, name: default, split: train_sft, revision: main}
 
-A mapping may also give the entry's own `format` and `columns`, and in `train_datasets` its `weight` or `count`.
+A mapping may also give the entry's own `format`, `columns` and `roles`, and in `train_datasets` its `weight` or `count`.
 This module only parses and checks; `hub_datasets` loads from the Hub and `mixing` combines several sources.
 """
 
@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.data.formats import FIELDS, FORMATS
+from lightning_peft.data.formats import FIELDS, FORMATS, ROLES
 from lightning_peft.data.readers import SUFFIXES
 from lightning_peft.errors import ConfigError
 
 HF_PREFIX = "hf://datasets/"
 # A Hub repo id: ORG/NAME with letters, digits, '-', '_' and '.', neither part starting with '.'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9_-][\w.-]*/[A-Za-z0-9_-][\w.-]*$")
-KEYS = ("path", "name", "split", "revision", "data_files", "format", "columns", "weight", "count")
+KEYS = ("path", "name", "split", "revision", "data_files", "format", "columns", "roles", "weight", "count")
 _HUB_ONLY = ("name", "revision", "data_files")
 # The split a plain Hub id means for each setting; a mapping's `split` chooses another.
 DEFAULT_SPLITS = {"train_file": "train", "val_file": "validation", "test_file": "test", "predict_file": "test"}
@@ -46,6 +46,7 @@ class DataSource:
         data_files: the files of the Hub repo to read, when not its declared splits (as `load_dataset` takes them).
         format: this source's data format; None uses `data.format`.
         columns: this source's column mapping; None uses `data.columns`.
+        roles: this source's role mapping; None uses `data.roles`.
         weight: in a mixture, a multiplier of this source's size (0.5 takes half its examples, 2 each twice).
         count: in a mixture, exactly this many examples from this source.
     """
@@ -59,6 +60,7 @@ class DataSource:
     data_files: str | list[str] | dict[str, Any] | None = field(default=None, hash=False)
     format: str | None = None
     columns: dict[str, str] | None = field(default=None, hash=False)
+    roles: dict[str, str] | None = field(default=None, hash=False)
     weight: float | None = None
     count: int | None = None
 
@@ -118,6 +120,7 @@ def parse_source(value: Any, setting: str, mixture: bool = False) -> DataSource:
         data_files=entry.get("data_files"),
         format=entry.get("format"),
         columns=dict(entry["columns"]) if entry.get("columns") else None,
+        roles=dict(entry["roles"]) if entry.get("roles") else None,
         weight=float(weight) if weight is not None else None,
         count=int(count) if count is not None else None,
     )
@@ -171,8 +174,21 @@ def _entry_problems(entry: dict[str, Any], setting: str, mixture: bool) -> list[
     columns = entry.get("columns")
     if columns is not None and (not isinstance(columns, dict) or set(columns) - set(FIELDS)):
         problems.append(f"`columns`={columns!r} must map fields ({', '.join(FIELDS)}) to the data's column names")
+    problems.extend(role_problems(entry.get("roles")))
     problems.extend(_amount_problems(entry, mixture))
     return problems
+
+
+def role_problems(roles: Any) -> list[str]:
+    """What is wrong with a `roles` setting: it must map the data's role names onto the standard roles."""
+    if roles is None:
+        return []
+    if not isinstance(roles, dict) or not all(isinstance(k, str) and k for k in roles):
+        return [f"`roles`={roles!r} must map the data's role names to {', '.join(ROLES)}, e.g. {{human: user}}"]
+    bad = {k: v for k, v in roles.items() if v not in ROLES}
+    if bad:
+        return [f"`roles` maps {bad!r} to no standard role; map each role name to one of {', '.join(ROLES)}"]
+    return []
 
 
 def _amount_problems(entry: dict[str, Any], mixture: bool) -> list[str]:

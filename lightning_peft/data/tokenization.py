@@ -221,6 +221,7 @@ def prepare_file(
     cache: bool = True,
     read: Callable[[], Records] | None = None,
     digest: str | None = None,
+    roles: Mapping[str, str] | None = None,
 ) -> TokenizedData:
     """Read, render and tokenize one data file, or load the result of an earlier run from the cache.
 
@@ -239,13 +240,15 @@ def prepare_file(
         max_length=max_length,
         truncation=truncation,
         train_on_prompt=train_on_prompt,
+        # Only when given: the cache entries of data without a role mapping keep their keys.
+        **({"roles": dict(sorted(roles.items()))} if roles else {}),
     )
 
     def build() -> TokenizedData:
         from lightning_peft.data.formats import render_records
 
         records = read() if read is not None else read_records(path)
-        used, rendered = render_records(records, fmt, columns, tokenizer, train_on_prompt)
+        used, rendered = render_records(records, fmt, columns, tokenizer, train_on_prompt, roles)
         return tokenize_rendered(rendered, tokenizer, max_length, truncation, used, records.where)
 
     if not cache:
@@ -324,7 +327,14 @@ def tokenize_prompts(
 
 
 def prepare_prompts(
-    path: str | Records, *, fmt: str, columns: Mapping[str, str], max_length: int, truncation: bool, tokenizer: Any
+    path: str | Records,
+    *,
+    fmt: str,
+    columns: Mapping[str, str],
+    max_length: int,
+    truncation: bool,
+    tokenizer: Any,
+    roles: Mapping[str, str] | None = None,
 ) -> TokenizedPrompts:
     """Read one file of prompts (or take the records given) with the training formats and tokenize them (never cached).
 
@@ -335,5 +345,5 @@ def prepare_prompts(
     from lightning_peft.data.readers import read_records
 
     records = path if isinstance(path, Records) else read_records(path)
-    used, prompts = render_prompts(records, fmt, columns, tokenizer)
+    used, prompts = render_prompts(records, fmt, columns, tokenizer, roles)
     return tokenize_prompts(prompts, tokenizer, max_length, truncation, used, records.where)

@@ -14,18 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.files import read_json_object, read_safetensors_header
 
 FINGERPRINT_METHOD = "lpeft-base-v1"
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "_commit_hash"}
 )
 _CHUNK = 8 * 1024 * 1024
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,10 +123,7 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
 
 def canonical_config(config_path: Path) -> bytes:
     """config.json as canonical JSON without the keys that change when the same weights are saved again."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{config_path} is not valid JSON: {err}") from err
+    config = read_json_object(config_path)
     kept = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
     return json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
 
@@ -145,21 +141,6 @@ def _tensor_index(weights: list[Path]) -> dict[str, tuple[Path, int, int, str, l
             begin, end = info["data_offsets"]
             index[name] = (path, data_start + begin, data_start + end, info["dtype"], list(info["shape"]))
     return index
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where its tensor data starts (no torch needed)."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > _MAX_HEADER:
-                raise ValueError(f"header length {length} is not plausible")
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as err:
-        raise DataError(f"{path} is not a valid safetensors file: {err}") from err
-    if not isinstance(header, dict):
-        raise DataError(f"{path} is not a valid safetensors file: its header is not a JSON object.")
-    return header, 8 + length
 
 
 def _hash_range(digest: hashlib._Hash, path: Path, start: int, end: int) -> None:

@@ -13,12 +13,14 @@ Everything here reads files only (the safetensors header, never the tensors): no
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lightning_peft.errors import DataError
+from lightning_peft.files import read_json_object, read_safetensors_header
 
 # vLLM's default `--max-lora-rank`; larger ranks need the flag.
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -102,11 +104,9 @@ def lint_adapter_dir(directory: str | os.PathLike) -> LintReport:
     if not config_path.is_file():
         return LintReport(problems=[f"{config_path.name} is missing: vLLM reads the LoRA settings from it."])
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return LintReport(problems=[f"{config_path.name} is not valid JSON ({err}); vLLM cannot read it."])
-    if not isinstance(config, dict):
-        return LintReport(problems=[f"{config_path.name} is not a JSON object; vLLM cannot read it."])
+        config = read_json_object(config_path)
+    except (DataError, OSError) as err:
+        return LintReport(problems=[f"{err} vLLM cannot read it."])
     report = lint_adapter_config(config)
     if str(config.get("peft_type", "?")).upper() != "LORA":
         return report
@@ -150,13 +150,10 @@ def _weights_problems(path: Path, config: dict[str, Any], report: LintReport) ->
             "(re-save the adapter with safetensors to check them)."
         )
         return []
-    from lightning_peft.errors import DataError
-    from lightning_peft.hub.fingerprint import read_safetensors_header
-
     try:
         header, _ = read_safetensors_header(path / found)
-    except DataError as err:
-        return [f"{found} is not a valid safetensors file ({err}); vLLM cannot load it."]
+    except (DataError, OSError) as err:
+        return [f"{err} vLLM cannot load it."]
     names = [name for name in header if name != "__metadata__"]
     if not names:
         return [f"{found} holds no tensors."]

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from lightning_peft.errors import DataError
+from lightning_peft.errors import CorruptFileError, DataError
+from lightning_peft.files import read_bytes
 from lightning_peft.hub.fingerprint import file_sha256
 
 MANIFEST_FILE = "lpeft_manifest.json"
@@ -181,7 +182,7 @@ def read(folder: Path) -> Manifest:
     Raises:
         DataError: see `parse`.
     """
-    return parse((Path(folder) / MANIFEST_FILE).read_bytes(), where=str(folder))
+    return parse(read_bytes(Path(folder) / MANIFEST_FILE), where=str(folder))
 
 
 def parse(raw: bytes, *, where: str) -> Manifest:
@@ -194,9 +195,11 @@ def parse(raw: bytes, *, where: str) -> Manifest:
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{where}: the manifest is not valid JSON: {err}") from err
+        raise CorruptFileError(
+            f"{where}: {MANIFEST_FILE} is damaged (invalid JSON: {err}): publish this version again, or use another."
+        ) from err
     if not isinstance(data, dict):
-        raise DataError(f"{where}: the manifest is not a JSON object.")
+        raise CorruptFileError(f"{where}: {MANIFEST_FILE} is damaged (not a JSON object): publish this version again.")
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise DataError(f"{where}: the manifest lacks {', '.join(missing)}; it was not written by lightning-peft.")

@@ -23,6 +23,7 @@ from typing import Any
 
 from lightning_peft.atomic import staged_folder
 from lightning_peft.errors import ConfigError
+from lightning_peft.files import check_files, check_folder, read_json_object, read_safetensors_header
 from lightning_peft.hub import manifest as manifest_lib
 from lightning_peft.hub.card import CARD_FILE, build_card
 from lightning_peft.hub.fingerprint import (
@@ -30,7 +31,6 @@ from lightning_peft.hub.fingerprint import (
     BaseModel,
     fingerprint,
     locate_base,
-    read_safetensors_header,
 )
 from lightning_peft.hub.lint import LintReport, lint_adapter_config
 from lightning_peft.hub.plot import LOSS_CURVE_FILE, can_plot, loss_curve_png
@@ -124,20 +124,17 @@ def read_source(adapter_dir: str | os.PathLike, *, allow_pickle: bool = False) -
     """Check that `adapter_dir` is a PEFT adapter folder and read its config (weights are never loaded).
 
     Raises:
-        ConfigError: not a folder, no or invalid adapter_config.json, no weights, or pickle-only weights
-            without `allow_pickle`.
+        ConfigError: no adapter_config.json or no `peft_type` in it, no weights, or pickle-only weights without
+            `allow_pickle`.
+        CorruptFileError, FileNotFoundError, UnreadableFileError: a damaged, missing or unreadable file or folder.
     """
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise ConfigError(f"`ADAPTER_DIR` {path} is not a folder.")
+    path = check_folder(adapter_dir, "`ADAPTER_DIR`")
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise ConfigError(f"{path} is not a PEFT adapter folder: {CONFIG_FILE} is missing.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{config_path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict) or not config.get("peft_type"):
+    config = read_json_object(config_path)
+    check_files(path)  # the weights' header and every JSON file (tokenizer files) that goes into the package
+    if not config.get("peft_type"):
         raise ConfigError(f"{config_path} has no `peft_type`; it is not a PEFT adapter config.")
     tokenizer_files = [name for name in TOKENIZER_FILES if (path / name).is_file()]
     return SourceAdapter(path, config, _weights_file(path, allow_pickle), tokenizer_files)

@@ -18,13 +18,13 @@ Whatever is missing is recorded as unknown, never guessed.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.errors import DataError
+from lightning_peft.errors import CorruptFileError, DataError
+from lightning_peft.files import read_json
 from lightning_peft.run_files import (
     CSV_METRICS_FILE,
     HISTORY_FILE,
@@ -54,6 +54,8 @@ _HPARAM_KEYS = (
 _TRAINER_KEYS = ("max_steps", "max_epochs", "precision", "accumulate_grad_batches", "gradient_clip_val")
 _DATA_ROLES = {"train_file": "train", "val_file": "validation", "test_file": "test"}
 _SUMMARY_KEYS = ("steps", "tokens", "duration_s", "hardware")
+# A damaged run file only feeds the model card: publishing goes on without it, or with another run's files.
+RUN_FILE_FIX = "delete it (the card then leaves out what it records) or pass --run-dir"
 _RECORD_KEYS = (*_SUMMARY_KEYS, "final_train_loss", "final_val_loss")
 
 
@@ -183,12 +185,11 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _read_summary(path: Path, record: RunRecord) -> None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from err
+    data = read_json(path, fix=RUN_FILE_FIX)
     if not isinstance(data, dict):
-        raise DataError(f"{path} must hold a JSON object with {', '.join(_SUMMARY_KEYS)}.")
+        raise CorruptFileError(
+            f"{path} is damaged (it must hold a JSON object with {', '.join(_SUMMARY_KEYS)}): {RUN_FILE_FIX}."
+        )
     record.sources.append(SUMMARY_FILE)
     for key in _SUMMARY_KEYS:
         if data.get(key) is not None:

@@ -1,9 +1,10 @@
 """Axolotl's `datasets` / `test_datasets` / `val_set_size` / `chat_template` → the `data` section (SFTDataModule).
 
 One data set becomes `data.train_file` (a path, or {path, name, split, revision} for a Hub data set) with the
-run-wide `format` and `columns`; several become `data.train_datasets`, each entry with its own format and columns,
-used whole as Axolotl concatenates them. A `type` maps to a format, its field settings to `columns`; what has no
-equivalent is dropped with a reason (see `axolotl_keys.DATASET_REASONS`).
+run-wide `format`, `columns` and `roles`; several become `data.train_datasets`, each entry with its own format,
+columns and roles, used whole as Axolotl concatenates them. A `type` maps to a format, its field settings to
+`columns`, a chat data set's `roles` ({target: [names]}) to `roles` ({name: target}); what has no equivalent is
+dropped with a reason (see `axolotl_keys.DATASET_REASONS`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lightning_peft.interop.axolotl_keys import (
     DATA_SUFFIXES,
     DATASET_REASONS,
     FALLBACK_PREFIX,
+    ROLES,
     SHAREGPT_ROLES,
     UNKNOWN,
 )
@@ -62,33 +64,38 @@ class DataConversion:
 
     def _dataset(self, entry: Any, where: str, setting: str) -> None:
         """One data set as data.train_file or data.val_file: a path, or {path, name, split, revision} for the Hub."""
-        source, kind, fmt, columns = self._source(entry, where, setting)
+        source, kind, fmt, mappings = self._source(entry, where, setting)
         self.data[setting] = source["path"] if len(source) == 1 else source
         if setting == "train_file":
             if fmt is not None:
                 self.data["format"] = fmt
-            if columns:
-                self.data["columns"] = columns
-        elif kind is not None and (fmt, columns) != (self.data.get("format"), self.data.get("columns", {})):
-            self.drop(f"{where}.type", kind, "the validation file is read with the training data's format and columns")
+            self.data.update(mappings)
+        elif kind is not None and (fmt, mappings) != (
+            self.data.get("format"),
+            {key: self.data[key] for key in ("columns", "roles") if key in self.data},
+        ):
+            self.drop(
+                f"{where}.type", kind, "the validation file is read with the training data's format, columns and roles"
+            )
 
     def _mixture_entry(self, entry: Any, where: str) -> dict[str, Any]:
-        """One entry of data.train_datasets: the source with its own format and columns."""
-        source, _, fmt, columns = self._source(entry, where, "train_datasets")
-        return {**source, **({"format": fmt} if fmt else {}), **({"columns": columns} if columns else {})}
+        """One entry of data.train_datasets: the source with its own format, columns and roles."""
+        source, _, fmt, mappings = self._source(entry, where, "train_datasets")
+        return {**source, **({"format": fmt} if fmt else {}), **mappings}
 
-    def _source(self, entry: Any, where: str, setting: str) -> tuple[dict[str, Any], Any, str | None, dict[str, str]]:
-        """(the source: {path} or a Hub {path, name, split, revision}; Axolotl's type; our format; columns)."""
+    def _source(self, entry: Any, where: str, setting: str) -> tuple[dict[str, Any], Any, str | None, dict[str, Any]]:
+        """(the source: {path} or a Hub {path, name, split, revision}; Axolotl's type; our format; the non-empty
+        `columns` and `roles` mappings)."""
         if not isinstance(entry, Mapping):
             raise ConfigError(f"`{where}` must be a mapping with `path` and `type`, got {show(entry)}.")
         rest = {str(k): v for k, v in entry.items()}
         source = self._location(rest, where, setting)
         kind = rest.pop("type", None)
-        fmt, columns = self._format(kind, rest, where)
+        fmt, columns, roles = self._format(kind, rest, where)
         for key, value in rest.items():
             if not unset(value):
                 self.drop(f"{where}.{key}", value, DATASET_REASONS.get(key, UNKNOWN))
-        return source, kind, fmt, columns
+        return source, kind, fmt, {key: value for key, value in (("columns", columns), ("roles", roles)) if value}
 
     def _location(self, rest: dict[str, Any], where: str, setting: str) -> dict[str, Any]:
         path = self._data_file(rest, where, setting)
@@ -126,10 +133,11 @@ class DataConversion:
             self.notes.append(f"{where} is remote ({source}): download it and set data.{setting} to the local file.")
         return source
 
-    def _format(self, kind: Any, rest: dict[str, Any], where: str) -> tuple[str | None, dict[str, str]]:
-        """The SFTDataModule format and column mapping for a data set entry (its format keys are taken out)."""
+    def _format(self, kind: Any, rest: dict[str, Any], where: str) -> tuple[str | None, dict[str, str], dict[str, str]]:
+        """The SFTDataModule format, column and role mappings for a data set entry (its format keys are taken out)."""
         fmt = _format_of(kind)
         columns: dict[str, str] = {}
+        roles: dict[str, str] = {}
         if fmt is None:
             if kind is not None:
                 self.drop(
@@ -138,15 +146,15 @@ class DataConversion:
                     "no lightning-peft data format matches it (messages, prompt_completion, alpaca, text); "
                     "data.format stays auto, which detects the format from the file's columns",
                 )
-            return None, columns
+            return None, columns, roles
         if fmt == "text" and rest.get("field") not in (None, "text"):
             columns["text"] = str(rest["field"])
         rest.pop("field", None)
         if fmt == "messages":
-            self._chat_dataset(rest, where, columns)
-        return fmt, columns
+            self._chat_dataset(rest, where, columns, roles)
+        return fmt, columns, roles
 
-    def _chat_dataset(self, rest: dict[str, Any], where: str, columns: dict[str, str]) -> None:
+    def _chat_dataset(self, rest: dict[str, Any], where: str, columns: dict[str, str], roles: dict[str, str]) -> None:
         field_messages = rest.pop("field_messages", None)
         if field_messages not in (None, "messages"):
             columns["messages"] = str(field_messages)
@@ -163,8 +171,8 @@ class DataConversion:
             )
         for prop, column in mapping.items():
             self.drop(f"{where}.message_property_mappings.{prop}", column, "only role and content are read")
-        if (roles := rest.pop("roles", None)) is not None:
-            self._roles(roles, where, sharegpt=fields == ("from", "value"))
+        if (axolotl_roles := rest.pop("roles", None)) is not None:
+            roles.update(self._roles(axolotl_roles, where))
         trained = rest.pop("roles_to_train", None)
         if trained is not None and set(trained) != {"assistant"}:  # Axolotl's default: ["assistant"]
             self.drop(
@@ -179,20 +187,22 @@ class DataConversion:
             f"{where}.chat_template", rest.pop("chat_template", None), rest.pop("chat_template_jinja", None)
         )
 
-    def _roles(self, roles: Any, where: str, *, sharegpt: bool) -> None:
-        """Axolotl's {target: [source roles]}: carried when the data module reads each source as its target."""
-        ok = isinstance(roles, Mapping) and all(
-            (SHAREGPT_ROLES.get(s, s) if sharegpt else s) == target
-            for target, sources in roles.items()
-            for s in (sources or [])
+    def _roles(self, roles: Any, where: str) -> dict[str, str]:
+        """Axolotl's {target: [the data's role names]} as data.roles {name: target}, without the names that need no
+        mapping (a standard role as itself, ShareGPT's human and gpt as user and assistant)."""
+        pairs = (
+            [(name, target) for target, names in roles.items() for name in (names or [])]
+            if isinstance(roles, Mapping) and all(isinstance(n, list | tuple | type(None)) for n in roles.values())
+            else None
         )
-        if not ok:
+        if pairs is None or any(target not in ROLES or not isinstance(name, str) for name, target in pairs):
             self.drop(
                 f"{where}.roles",
                 roles,
-                "role names are read as the file holds them (ShareGPT human/gpt become user/assistant); "
-                "rename the roles in the file",
+                f"data.roles maps role names onto {', '.join(ROLES)} only, as lists of names under each of them",
             )
+            return {}
+        return {name: target for name, target in pairs if SHAREGPT_ROLES.get(name, name) != target}
 
     def _chat_template(self, key: str, template: Any, jinja: Any = None) -> None:
         """Axolotl's template name (or `jinja` + `chat_template_jinja`) → data.chat_template, one per run.

@@ -9,6 +9,7 @@ from __future__ import annotations
 # Mirrors of lightning-peft settings, so that converting imports neither torch nor the data package (the tests
 # check each against its original: data.formats, data.readers, module.PeftCausalLM).
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 # Axolotl's chat template names whose templates (`utils/chat_templates/templates/*.jinja`) render every
 # conversation they accept exactly like these built-ins (tests/test_axolotl.py renders both); the others differ in

@@ -68,7 +68,7 @@ def check_adapter(folder: Path, shapes: dict[str, tuple[str, int, int]], *, name
         ConfigError: no config or safetensors weights, not LoRA, or a tensor whose module or shape the base lacks.
     """
     from lightning_peft.adapters import read_adapter_config
-    from lightning_peft.hub.fingerprint import read_safetensors_header
+    from lightning_peft.files import read_safetensors_header
 
     config = read_adapter_config(folder)  # refuses a folder with pickle weights only
     where = f"Adapter {name!r} ({folder})"
@@ -91,7 +91,7 @@ def check_adapter(folder: Path, shapes: dict[str, tuple[str, int, int]], *, name
 
 def lora_modules(folder: Path) -> set[str]:
     """The module paths that `adapter_model.safetensors` holds LoRA weights for (read from its header)."""
-    from lightning_peft.hub.fingerprint import read_safetensors_header
+    from lightning_peft.files import read_safetensors_header
 
     header, _ = read_safetensors_header(folder / "adapter_model.safetensors")
     matches = (_LORA_KEYS.match(key.removeprefix(_PEFT_PREFIX)) for key in header)
