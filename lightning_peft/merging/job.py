@@ -59,8 +59,11 @@ class MergeJob:
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
+        from lightning_peft.models import check_model_files
+
         # The run saved its tokenizer beside the adapter; a plain PEFT folder may have none.
         source = self.adapter_dir if (self.adapter_dir / "tokenizer_config.json").is_file() else self.base_path
+        check_model_files(str(source))  # a damaged file is named, with the fix, before transformers fails on it
         try:
             return AutoTokenizer.from_pretrained(source, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as err:
