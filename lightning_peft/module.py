@@ -22,8 +22,8 @@ from typing_extensions import override
 from lightning_peft import adapters
 from lightning_peft.architectures import ATTN_AUTO, AttnImplementation, supported_attn_implementations
 from lightning_peft.data import chat_templates
-from lightning_peft.data.tokenization import IGNORE_INDEX
 from lightning_peft.errors import ConfigError
+from lightning_peft.labels import IGNORE_INDEX
 from lightning_peft.losses import chunked_lm_loss, chunking_blocker, next_token_cross_entropy, next_token_targets
 from lightning_peft.models import (
     DEFAULT_MODEL,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from lightning_peft.cli.guard import run_guarded
+
 
 @click.command()
 @click.argument("source", metavar="AXOLOTL_YAML", type=click.Path(exists=True, dir_okay=False))
@@ -25,7 +27,6 @@ def convert(ctx: click.Context, source: str, out: str | None, force: bool) -> No
     Every Axolotl key that cannot be carried over is listed, with the reason, at the top of the output and as a
     warning here.
     """
-    from lightning_peft.cli import _run_guarded
 
     def action() -> None:
         from pathlib import Path
@@ -46,7 +47,7 @@ def convert(ctx: click.Context, source: str, out: str | None, force: bool) -> No
             f"(listed at its top). Run it with: lpeft fit --config {out}"
         )
 
-    _run_guarded(ctx, action)
+    run_guarded(ctx, action)
 
 
 def register(group: click.Group) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from lightning_peft.cli.guard import run_showing_warnings
 from lightning_peft.errors import ConfigError, DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -70,9 +71,7 @@ def generate(ctx: click.Context, **options: Any) -> None:
         else:
             _batched(server, prompts, labels, settings, options["batch_size"])
 
-    from lightning_peft.cli.hub import _run
-
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 def _read_prompts(prompts: tuple[str, ...], path: Path | None) -> list[str]:

@@ -6,33 +6,16 @@ logits check of `publish` (skip it with `--no-verify`).
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import click
+
+from lightning_peft.cli.guard import run_showing_warnings
 
 REGISTRY_HELP = (
     "`hf` for the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN), an http(s) Hub URL, or a local registry folder "
     "[default: $LPEFT_REGISTRY or ~/.local/share/lightning_peft/registry]."
 )
-
-
-def _run(ctx: click.Context, action: Callable[[], Any]) -> None:
-    """Run `action` under the CLI's error handling, showing library warnings as `lpeft: warning:` lines."""
-    from lightning_peft.cli import _run_guarded
-
-    def guarded() -> None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                action()
-            finally:
-                for warning in caught:
-                    if issubclass(warning.category, UserWarning) and "lightning_peft" in str(warning.filename):
-                        click.echo(f"lpeft: warning: {warning.message}", err=True)
-
-    _run_guarded(ctx, guarded)
 
 
 @click.command()
@@ -89,7 +72,7 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
         if options["out"]:
             click.echo(f"Package written to {options['out']}")
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 @click.command()
@@ -113,7 +96,7 @@ def pull(ctx: click.Context, reference: str, **options: Any) -> None:
         checked = "; base fingerprint matches" if result.base_matches else ""
         click.echo(f"Pulled {result.repo_id} {result.version} into {result.path} (checksums verified{checked})")
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 @click.command()
@@ -137,7 +120,7 @@ def versions(ctx: click.Context, repo_id: str, registry: str | None) -> None:
             details = "  ".join(str(x) for x in (info.created_at, info.message) if x)
             click.echo(f"{info.version}{mark}  {details}".rstrip())
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 @click.command()
@@ -166,7 +149,7 @@ def inspect(ctx: click.Context, directory: str, base: str | None, force: bool, s
         if report.file_problems:
             raise DataError(f"{directory}: {report.file_problems[0]} ({len(report.file_problems)} problem(s)).")
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 def _inspect_serving(ctx: click.Context, directory: str, base: str | None) -> None:
@@ -191,7 +174,7 @@ def _inspect_serving(ctx: click.Context, directory: str, base: str | None) -> No
             click.echo(f"  note: {line}")
         found.append(report)
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
     if found and not found[0].vllm_compatible:
         ctx.exit(2)  # outside the guarded action: scripts gate on the code, and this is a verdict, not an error
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from lightning_peft.cli.guard import run_guarded
+
 MODES = ("dequantized", "original", "quantized")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -75,9 +77,7 @@ def merge(ctx: click.Context, adapter_dir: str, **options: Any) -> None:
         )
         click.echo(report.output)
 
-    from lightning_peft.cli import _run_guarded
-
-    _run_guarded(ctx, action)
+    run_guarded(ctx, action)
 
 
 def _json_options(text: str | None) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lightning_peft.data.readers import require_exists
-from lightning_peft.data.tokenization import TokenizedData
+from lightning_peft.data.tokenized import TokenizedData
 
 log = logging.getLogger(__name__)
 

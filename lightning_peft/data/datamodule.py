@@ -33,7 +33,8 @@ from lightning_peft.data.mixing import mix, planned_count
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset
 from lightning_peft.data.readers import require_exists
 from lightning_peft.data.sources import DataSource
-from lightning_peft.data.tokenization import TokenizedData, TokenizedPrompts, prepare_file, prepare_prompts
+from lightning_peft.data.tokenization import TokenizedPrompts, prepare_file, prepare_prompts
+from lightning_peft.data.tokenized import TokenizedData
 from lightning_peft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,8 @@ A registry stores immutable versions of `org/name` packages. The local one keeps
 - The folders are the truth; the index is a catalog (creation time, message) that a publish reconciles with
   them. Published files are made read-only.
 
-`--registry hf` (or an http(s) URL) selects the Hugging Face Hub (`hf_registry.py`); any other value is a
-local registry folder. The default is `$LPEFT_REGISTRY`, else `$XDG_DATA_HOME/lightning_peft/registry`
-(`~/.local/share/lightning_peft/registry`).
+The default folder is `$LPEFT_REGISTRY`, else `$XDG_DATA_HOME/lightning_peft/registry`
+(`~/.local/share/lightning_peft/registry`). `registries.get_registry` turns a `--registry` value into a registry.
 """
 
 from __future__ import annotations
@@ -111,20 +110,6 @@ def default_registry_root() -> Path:
         return Path(os.environ["LPEFT_REGISTRY"]).expanduser()
     data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(data_home) / "lightning_peft" / "registry"
-
-
-def get_registry(spec: str | os.PathLike | None = None) -> Registry:
-    """`hf` or an http(s) URL → the Hugging Face Hub; a folder → a local registry; None → the default folder."""
-    text = str(spec).strip() if spec is not None else ""
-    if text.lower() in ("hf", "hub", "huggingface"):
-        from lightning_peft.hub.hf_registry import HfRegistry
-
-        return HfRegistry()
-    if text.startswith(("http://", "https://")):
-        from lightning_peft.hub.hf_registry import HfRegistry
-
-        return HfRegistry(endpoint=text.rstrip("/"))
-    return LocalRegistry(Path(text).expanduser() if text else default_registry_root())
 
 
 class LocalRegistry(Registry):
