@@ -9,6 +9,7 @@ tiny test model, and the result goes through the real `lpeft fit` parser; one of
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import yaml
 from hub_server import error_line, lpeft
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.interop import Conversion, convert_axolotl, convert_axolotl_file
 from lightning_peft.interop import axolotl_keys as keys
-from lightning_peft.interop import convert_axolotl, convert_axolotl_file
 
 CONFIGS = Path(__file__).parent / "data" / "axolotl"
 NAMES = sorted(p.stem for p in CONFIGS.glob("*.yml"))
@@ -206,6 +207,14 @@ def test_the_qlora_example_keeps_axolotls_meaning():
         "default_root_dir": "./outputs/qlora-out",
         "log_every_n_steps": 1,
     }
+
+
+def test_conversion_is_a_frozen_result_with_named_fields():
+    conversion = convert_axolotl_file(CONFIGS / "llama3_qlora.yml")
+    assert isinstance(conversion, Conversion)
+    assert {f.name for f in dataclasses.fields(conversion)} == {"config", "dropped", "notes", "carried"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        conversion.config = {}  # type: ignore[misc]
 
 
 def test_hub_data_sets_are_carried_and_flagged():
