@@ -160,9 +160,8 @@ class PeftCausalLM(L.LightningModule):
                 base_model, quantized=quantized, gradient_checkpointing=self.hparams.gradient_checkpointing
             )
             return adapters.load_adapter(base_model, self.hparams.adapter_path, is_trainable=True)
-        config = self.peft_config
-        if getattr(config, "total_step", "absent") is None:  # AdaLoRA needs its schedule length up front.
-            config = adapters.with_total_step(config, self._max_steps_for_adalora())
+        max_steps = self._trainer.max_steps if self._trainer is not None else None
+        config = adapters.fill_total_step(self.peft_config, max_steps)  # AdaLoRA needs its schedule length up front
         return adapters.inject_adapter(
             base_model,
             config,
@@ -223,13 +222,6 @@ class PeftCausalLM(L.LightningModule):
             )
         self.peft_config = with_trainable_tokens(self.peft_config, base, token_ids)
         rank_zero_info(f"`data.chat_template`: training the embedding rows of the new tokens {token_ids} only.")
-
-    def _max_steps_for_adalora(self) -> int:
-        if self._trainer is not None and self._trainer.max_steps > 0:
-            return self._trainer.max_steps
-        raise ConfigError(
-            "AdaLoRA needs the number of training steps: set `adapter.init_args.total_step` or `trainer.max_steps`."
-        )
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
