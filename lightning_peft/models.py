@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,6 +19,7 @@ from lightning_peft.architectures import (
     check_attn_implementation,
     log_unquantized_experts,
 )
+from lightning_peft.atomic import staged_folder
 from lightning_peft.bnb_cpu import correct_cpu_dequantize_4bit
 from lightning_peft.errors import ConfigError, MissingDependencyError
 
@@ -194,13 +193,10 @@ def _convert_gguf(alias: ModelAlias, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = alias.hub_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Called under the alias's file lock; a folder there without config.json is a leftover and is replaced.
+    with staged_folder(target, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def auto_precision() -> str:

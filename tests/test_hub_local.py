@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,16 @@ def test_publish_versions_pull_round_trip(adapter, registry, tmp_path, tiny_mode
     assert inspected.exit_code == 0, inspected.output
     assert "package: acme/capitals 1.1.1" in inspected.stdout and "all match their sha256" in inspected.stdout
     assert "base: the fingerprint matches" in inspected.stdout
+
+
+def test_the_index_is_as_readable_as_the_published_files(adapter, registry):
+    old = os.umask(0o022)  # a team registry: what one member publishes, the others read
+    try:
+        assert lpeft("publish", adapter, "acme/shared", "--registry", registry, "--no-verify").exit_code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((registry / "index.json").stat().st_mode) == 0o644
+    assert not [p.name for p in registry.iterdir() if p.name.startswith(".index")]
 
 
 def test_pulled_package_loads_with_peft(adapter, registry, tmp_path, tiny_model_dir):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_peft.atomic import write_bytes
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path, dumps
 
@@ -185,10 +186,7 @@ class LocalRegistry(Registry):
         for version, folder in self._scan(repo_id):
             entries.setdefault(str(version), self._entry_from_manifest(folder))
         data = {"format": INDEX_FORMAT, "repos": {k: dict(sorted(v.items())) for k, v in sorted(index.items())}}
-        handle, tmp = tempfile.mkstemp(prefix=".index-", dir=self.root)
-        with os.fdopen(handle, "wb") as out:
-            out.write(dumps(data))
-        os.replace(tmp, self.root / INDEX_FILE)
+        write_bytes(self.root / INDEX_FILE, dumps(data))  # readable to all who may read the registry
 
     def _read_index(self) -> dict[str, dict[str, Any]]:
         path = self.root / INDEX_FILE

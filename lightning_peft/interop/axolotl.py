@@ -10,11 +10,11 @@ Pure: no torch and no data or model code is imported, so converting runs anywher
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning_peft.atomic import write_text
 from lightning_peft.errors import ConfigError
 from lightning_peft.interop.axolotl_convert import Converter
 from lightning_peft.interop.axolotl_result import Conversion, Dropped
@@ -70,16 +70,5 @@ def write_run_config(text: str, out: str | os.PathLike, *, force: bool = False) 
         raise ConfigError(f"`-o` {out} is a folder; give the path of the YAML file to write.")
     if out.exists() and not force:
         raise ConfigError(f"`-o` {out} exists; choose another file or pass --force to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(staging, out)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
+    write_text(out, text)
     return out
