@@ -224,12 +224,23 @@ def test_base_mismatch_refused_unless_forced(adapter, registry, tmp_path):
     result = lpeft("pull", "acme/x", "--to", tmp_path / "p", "--registry", registry, "--base", other)
     assert result.exit_code == 2 and "is not the one this adapter was trained on" in error_line(result)
     assert not (tmp_path / "p").exists()
-    result = lpeft("pull", "acme/x", "--to", tmp_path / "p", "--registry", registry, "--base", other, "--force")
+    pull = ["pull", "acme/x", "--to", tmp_path / "p", "--registry", registry, "--base", other]
+    result = lpeft(*pull, "--allow-base-mismatch")
     assert result.exit_code == 0 and "lpeft: warning: The base model" in result.stderr
+    assert "deprecated" not in result.stderr
     result = lpeft("inspect", tmp_path / "p", "--base", other)
-    assert result.exit_code == 2 and "pass --force" in error_line(result)
-    result = lpeft("inspect", tmp_path / "p", "--base", other, "--force")
-    assert result.exit_code == 0 and "base: MISMATCH" in result.stdout
+    assert result.exit_code == 2 and "pass --allow-base-mismatch" in error_line(result)
+    result = lpeft("inspect", tmp_path / "p", "--base", other, "--allow-base-mismatch")
+    assert result.exit_code == 0 and "base: MISMATCH (accepted with --allow-base-mismatch)" in result.stdout
+
+    # The old spelling still works, hidden from --help, with one deprecation line naming the new flag.
+    for command in ([*pull[:3], tmp_path / "q", *pull[4:]], ["inspect", tmp_path / "p", "--base", other]):
+        result = lpeft(*command, "--force")
+        assert result.exit_code == 0, result.output
+        deprecations = [line for line in result.stderr.splitlines() if "deprecated" in line]
+        assert deprecations == ["lpeft: warning: --force is deprecated; use --allow-base-mismatch."]
+        help_text = lpeft(command[0], "--help").stdout
+        assert "--allow-base-mismatch" in help_text and "--force" not in help_text
 
 
 def test_inspect_reports_bad_files_and_serving_problems(tiny_model_dir, registry, tmp_path):

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_showing_warnings
 
 REGISTRY_HELP = (
@@ -80,7 +81,7 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="The folder to write.")
 @click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
 @click.option("--base", metavar="MODEL", help="Check the adapter against this base model (alias, folder, Hub id).")
-@click.option("--force", is_flag=True, help="Accept a base whose fingerprint differs (with a warning).")
+@flags.allow_base_mismatch("Accept a base whose fingerprint differs (with a warning).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --to folder.")
 @click.pass_context
 def pull(ctx: click.Context, reference: str, **options: Any) -> None:
@@ -92,7 +93,8 @@ def pull(ctx: click.Context, reference: str, **options: Any) -> None:
     def action() -> None:
         from lightning_peft.hub import pull as pull_adapter
 
-        result = pull_adapter(reference, options["to"], **{k: v for k, v in options.items() if k != "to"})
+        settings = {k: v for k, v in options.items() if k not in ("to", "allow_base_mismatch")}
+        result = pull_adapter(reference, options["to"], force=options["allow_base_mismatch"], **settings)
         checked = "; base fingerprint matches" if result.base_matches else ""
         click.echo(f"Pulled {result.repo_id} {result.version} into {result.path} (checksums verified{checked})")
 
@@ -126,14 +128,16 @@ def versions(ctx: click.Context, repo_id: str, registry: str | None) -> None:
 @click.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--base", metavar="MODEL", help="Check compatibility with this base model (alias, folder, Hub id).")
-@click.option("--force", is_flag=True, help="Report a base mismatch instead of failing on it.")
+@flags.allow_base_mismatch("Report a base mismatch instead of failing on it.")
 @click.option(
     "--serving",
     type=click.Choice(["vllm"]),
     help="Only check whether this server can load the adapter: one reason per line, exit code 2 if it cannot.",
 )
 @click.pass_context
-def inspect(ctx: click.Context, directory: str, base: str | None, force: bool, serving: str | None) -> None:
+def inspect(
+    ctx: click.Context, directory: str, base: str | None, allow_base_mismatch: bool, serving: str | None
+) -> None:
     """Show a package's manifest, check its files, serving compatibility and (with --base) its base model."""
     if serving is not None:
         _inspect_serving(ctx, directory, base)
@@ -143,7 +147,7 @@ def inspect(ctx: click.Context, directory: str, base: str | None, force: bool, s
         from lightning_peft.errors import DataError
         from lightning_peft.hub import inspect as inspect_folder
 
-        report = inspect_folder(directory, base=base, force=force)
+        report = inspect_folder(directory, base=base, force=allow_base_mismatch)
         for line in _report_lines(report):
             click.echo(line)
         if report.file_problems:
@@ -198,7 +202,9 @@ def _report_lines(report: Any) -> list[str]:
     lines += [f"  serving: {n}" for n in report.serving_notes]
     if report.base_matches is not None:
         lines.append(
-            "  base: the fingerprint matches" if report.base_matches else "  base: MISMATCH (accepted with --force)"
+            "  base: the fingerprint matches"
+            if report.base_matches
+            else "  base: MISMATCH (accepted with --allow-base-mismatch)"
         )
     return lines
 

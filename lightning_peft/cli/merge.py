@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_guarded
 
 MODES = ("dequantized", "original", "quantized")
@@ -48,7 +49,7 @@ DTYPES = ("float32", "bfloat16", "float16")
     default=None,
     help="Also measure the other merge modes for the report [default: when the base is quantized].",
 )
-@click.option("--force", is_flag=True, help="Replace an existing, non-empty --out folder.")
+@flags.overwrite("Replace an existing, non-empty --out folder.")
 @click.pass_context
 def merge(ctx: click.Context, adapter_dir: str, **options: Any) -> None:
     """Merge the PEFT adapter in ADAPTER_DIR into its base model and write a transformers model folder to --out.
@@ -72,7 +73,7 @@ def merge(ctx: click.Context, adapter_dir: str, **options: Any) -> None:
             dtype=options["dtype"],
             tolerance=options["tolerance"],
             max_shard_size=options["max_shard_size"],
-            force=options["force"],
+            force=options["overwrite"],
             compare_modes=options["compare_modes"],
         )
         click.echo(report.output)

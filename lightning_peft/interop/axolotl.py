@@ -10,6 +10,7 @@ Pure: no torch and no data or model code is imported, so converting runs anywher
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,16 +60,23 @@ def convert_axolotl_file(path: str | os.PathLike) -> Conversion:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def write_run_config(text: str, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write `text` to `out` atomically (a temporary file in the same folder, then renamed over it).
+def write_run_config(text: str, out: str | os.PathLike, *, overwrite: bool = False, force: bool | None = None) -> Path:
+    """Write `text` to `out` atomically (`lightning_peft.atomic.write_text`).
+
+    Args:
+        overwrite: Replace an existing file.
+        force: The old name of `overwrite` (deprecated).
 
     Raises:
-        ConfigError: `out` exists and `force` is false, or it is a folder.
+        ConfigError: `out` exists and `overwrite` is false, or it is a folder.
     """
+    if force is not None:
+        warnings.warn("write_run_config: `force` is deprecated; use `overwrite`.", DeprecationWarning, stacklevel=2)
+        overwrite = overwrite or force
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"`-o` {out} is a folder; give the path of the YAML file to write.")
-    if out.exists() and not force:
-        raise ConfigError(f"`-o` {out} exists; choose another file or pass --force to replace it.")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"`-o` {out} exists; choose another file or pass --overwrite to replace it.")
     write_text(out, text)
     return out
