@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from lightning_peft.architectures import (
     ATTN_AUTO,
@@ -22,15 +22,13 @@ from lightning_peft.architectures import (
 from lightning_peft.atomic import staged_folder
 from lightning_peft.bnb_cpu import correct_cpu_dequantize_4bit
 from lightning_peft.errors import ConfigError, MissingDependencyError
+from lightning_peft.options import QUANTIZATIONS
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-Quantization = Literal["none", "8bit", "4bit"]
-QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
 
 
 @dataclass(frozen=True)

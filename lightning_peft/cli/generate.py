@@ -15,6 +15,7 @@ import click
 from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_showing_warnings
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.options import QUANTIZATIONS
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 BASE_LABEL = "base"  # AdapterServer reads it as the base model alone
@@ -44,7 +45,7 @@ BASE_LABEL = "base"  # AdapterServer reads it as the base model alone
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
 @click.option("--stream", is_flag=True, help="Print tokens as they come (one answer at a time).")
 @click.option("--with-base", is_flag=True, help="Also answer with the base model alone.")
-@click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True)
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="none", show_default=True)
 @click.option("--registry", metavar="hf|URL|PATH", help="Where registry references are pulled from.")
 @flags.allow_base_mismatch("Load packages whose recorded base fingerprint differs from --model.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch.")

@@ -12,6 +12,7 @@ import click
 
 from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_showing_warnings
+from lightning_peft.options import BUMP_PARTS
 
 REGISTRY_HELP = (
     "`hf` for the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN), an http(s) Hub URL, or a local registry folder "
@@ -23,7 +24,7 @@ REGISTRY_HELP = (
 @click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("repo_id")
 @click.option("--version", "version", metavar="X.Y.Z", help="The version to publish (semver).")
-@click.option("--bump", type=click.Choice(["major", "minor", "patch"]), help="Bump the latest published version.")
+@click.option("--bump", type=click.Choice(BUMP_PARTS), help="Bump the latest published version.")
 @click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
 @click.option("--private", is_flag=True, help="Create the Hub repo private.")
 @click.option("--license", "license_id", metavar="ID", help="License id for the card (e.g. apache-2.0).")

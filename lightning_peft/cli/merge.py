@@ -12,9 +12,9 @@ import click
 
 from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_guarded
+from lightning_peft.options import DTYPES, QUANTIZATIONS
 
 MODES = ("dequantized", "original", "quantized")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @click.command()
@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--base", metavar="MODEL", help="The base model (alias, folder, Hub id) [default: the adapter config's].")
 @click.option(
     "--quantization",
-    type=click.Choice(["auto", "none", "4bit", "8bit"]),
+    type=click.Choice(["auto", *QUANTIZATIONS]),
     default="auto",
     show_default=True,
     help="How the base was loaded in training; auto reads the run's hparams.yaml next to the adapter, else none.",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,10 +36,10 @@ from lightning_peft.data.sources import DataSource
 from lightning_peft.data.tokenization import TokenizedPrompts, prepare_file, prepare_prompts
 from lightning_peft.data.tokenized import TokenizedData
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.options import DataFormat
 
 log = logging.getLogger(__name__)
 
-DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
 Source = str | dict[str, Any]
 
 
