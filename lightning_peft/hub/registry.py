@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_peft.atomic import write_bytes
+from lightning_peft.atomic import fsync_dir, fsync_tree, write_bytes
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path, dumps
 
@@ -175,7 +175,9 @@ class LocalRegistry(Registry):
                 )
             _make_read_only(package_dir)
             package_dir.chmod(0o755)  # mkdtemp made it private to this user
-            os.rename(package_dir, target)
+            fsync_tree(package_dir)
+            os.rename(package_dir, target)  # never over an existing version (checked above, under the lock)
+            fsync_dir(target.parent)
             self._update_index(repo_id)
         return str(target)
 
