@@ -91,8 +91,8 @@ def _instantiate(cls: type, kwargs: dict[str, Any]) -> PeftConfig:
         raise ConfigError(
             f"`adapter` has fields {unknown} that {cls.__name__} does not know; valid fields: {', '.join(sorted(fields))}."
         )
-    # AdaLoRA refuses a config without `total_step`; the module fills it from `trainer.max_steps` later.
-    defer_total_step = cls.__name__ == "AdaLoraConfig" and kwargs.get("total_step") is None
+    # AdaLoRA refuses a config without `total_step`; `fill_total_step` takes it from `trainer.max_steps` later.
+    defer_total_step = is_adalora(cls.__name__) and kwargs.get("total_step") is None
     try:
         config = cls(**{**kwargs, "total_step": 10**9}) if defer_total_step else cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -102,8 +102,28 @@ def _instantiate(cls: type, kwargs: dict[str, Any]) -> PeftConfig:
     return config
 
 
-def with_total_step(config: PeftConfig, total_step: int) -> PeftConfig:
-    """AdaLoRA's config with its schedule length filled in (and checked again by PEFT)."""
+def is_adalora(class_path: str) -> bool:
+    """Whether `class_path` ("AdaLoraConfig", "peft.AdaLoraConfig" ...) names AdaLoRA's config."""
+    return str(class_path).rsplit(".", 1)[-1] == "AdaLoraConfig"
+
+
+def adalora_total_step(max_steps: int | None, *, option: str = "adapter.init_args.total_step") -> int:
+    """AdaLoRA's schedule length when its config leaves `total_step` unset: the trainer's `max_steps`.
+
+    Raises:
+        ConfigError: `max_steps` is not set either (`option` names the setting in the message).
+    """
+    if max_steps is not None and max_steps > 0:
+        return max_steps
+    raise ConfigError(f"AdaLoRA needs the number of training steps: set `{option}` or `trainer.max_steps`.")
+
+
+def fill_total_step(config: PeftConfig, max_steps: int | None) -> PeftConfig:
+    """`config` with AdaLoRA's unset `total_step` filled from `max_steps` (and checked again by PEFT); others as
+    they are."""
+    if getattr(config, "total_step", "absent") is not None:
+        return config
+    total_step = adalora_total_step(max_steps)
     try:
         return dataclasses.replace(config, total_step=total_step)
     except ValueError as err:

@@ -8,15 +8,14 @@ asking a class for one it lacks fails deep inside `from_pretrained` with a long 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, get_args
+from typing import Any
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.options import ATTN_IMPLEMENTATIONS
 
 log = logging.getLogger(__name__)
 
-AttnImplementation = Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"]
 ATTN_AUTO = "auto"
-ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
 # The class attribute transformers sets on a model class that implements each backend (eager: every class).
 _SUPPORT_FLAGS = {
     "sdpa": "_supports_sdpa",

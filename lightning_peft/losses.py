@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lightning_peft.data.tokenization import IGNORE_INDEX
+from lightning_peft.labels import IGNORE_INDEX
 
 
 @dataclass

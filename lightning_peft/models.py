@@ -8,11 +8,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from lightning_peft.architectures import (
     ATTN_AUTO,
@@ -21,18 +19,17 @@ from lightning_peft.architectures import (
     check_attn_implementation,
     log_unquantized_experts,
 )
+from lightning_peft.atomic import staged_folder
 from lightning_peft.bnb_cpu import correct_cpu_dequantize_4bit
 from lightning_peft.errors import ConfigError, MissingDependencyError
 from lightning_peft.files import check_files
+from lightning_peft.options import QUANTIZATIONS
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-Quantization = Literal["none", "8bit", "4bit"]
-QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit")
 
 
 @dataclass(frozen=True)
@@ -195,13 +192,10 @@ def _convert_gguf(alias: ModelAlias, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = alias.hub_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Called under the alias's file lock; a folder there without config.json is a leftover and is replaced.
+    with staged_folder(target, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def auto_precision() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as L
 import torch
@@ -20,10 +20,10 @@ from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
 from lightning_peft import adapters, generation
-from lightning_peft.architectures import ATTN_AUTO, AttnImplementation, supported_attn_implementations
+from lightning_peft.architectures import ATTN_AUTO, supported_attn_implementations
 from lightning_peft.data import chat_templates
-from lightning_peft.data.tokenization import IGNORE_INDEX
 from lightning_peft.errors import ConfigError
+from lightning_peft.labels import IGNORE_INDEX
 from lightning_peft.losses import chunked_lm_loss, chunking_blocker, next_token_cross_entropy, next_token_targets
 from lightning_peft.models import (
     DEFAULT_MODEL,
@@ -32,13 +32,11 @@ from lightning_peft.models import (
     load_tokenizer,
     packed_examples_are_isolated,
 )
+from lightning_peft.options import QUANTIZATIONS, AttnImplementation, Optimizer, Quantization, Scheduler
 from lightning_peft.run_folder import run_dir
 from lightning_peft.tokens import grow_embeddings, tokenizer_source, with_trainable_tokens
 
 log = logging.getLogger(__name__)
-
-Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
-Scheduler = Literal["cosine", "linear", "constant"]
 
 
 class PeftCausalLM(L.LightningModule):
@@ -89,7 +87,7 @@ class PeftCausalLM(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = DEFAULT_MODEL,
-        quantization: Literal["none", "8bit", "4bit"] = "none",
+        quantization: Quantization = "none",
         quantization_options: dict[str, Any] | None = None,
         adapter: PeftConfig | dict[str, Any] | None = None,
         learning_rate: float = 2e-4,
@@ -160,9 +158,8 @@ class PeftCausalLM(L.LightningModule):
                 base_model, quantized=quantized, gradient_checkpointing=self.hparams.gradient_checkpointing
             )
             return adapters.load_adapter(base_model, self.hparams.adapter_path, is_trainable=True)
-        config = self.peft_config
-        if getattr(config, "total_step", "absent") is None:  # AdaLoRA needs its schedule length up front.
-            config = adapters.with_total_step(config, self._max_steps_for_adalora())
+        max_steps = self._trainer.max_steps if self._trainer is not None else None
+        config = adapters.fill_total_step(self.peft_config, max_steps)  # AdaLoRA needs its schedule length up front
         return adapters.inject_adapter(
             base_model,
             config,
@@ -223,13 +220,6 @@ class PeftCausalLM(L.LightningModule):
             )
         self.peft_config = with_trainable_tokens(self.peft_config, base, token_ids)
         rank_zero_info(f"`data.chat_template`: training the embedding rows of the new tokens {token_ids} only.")
-
-    def _max_steps_for_adalora(self) -> int:
-        if self._trainer is not None and self._trainer.max_steps > 0:
-            return self._trainer.max_steps
-        raise ConfigError(
-            "AdaLoRA needs the number of training steps: set `adapter.init_args.total_step` or `trainer.max_steps`."
-        )
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
@@ -468,8 +458,8 @@ def _validate(args: dict[str, Any]) -> None:
         problems.append(f"`warmup_ratio`={args['warmup_ratio']!r} must be in [0, 1)")
     if args["loss_chunk_size"] is not None and args["loss_chunk_size"] < 0:
         problems.append(f"`loss_chunk_size`={args['loss_chunk_size']!r} must be >= 0 (0 or null: no chunking)")
-    if args["quantization"] not in ("none", "8bit", "4bit"):
-        problems.append(f"`quantization`={args['quantization']!r} must be one of none, 8bit, 4bit")
+    if args["quantization"] not in QUANTIZATIONS:
+        problems.append(f"`quantization`={args['quantization']!r} must be one of {', '.join(QUANTIZATIONS)}")
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 

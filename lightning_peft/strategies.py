@@ -23,17 +23,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from typing_extensions import override
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.options import DtypeName
 
 log = logging.getLogger(__name__)
-
-DtypeName = Literal["float32", "bfloat16", "float16"]
 
 
 # ---- finding and sharding the decoder layers -----------------------------------------------------------------

@@ -65,6 +65,21 @@ def test_config_to_dict_round_trips_through_json(adapter):
 def test_adalora_total_step_is_left_for_the_trainer():
     config = adapters.build_peft_config({"class_path": "AdaLoraConfig"})
     assert config.total_step is None
+    assert adapters.fill_total_step(config, 7).total_step == 7
+    with pytest.raises(ConfigError, match=r"set `adapter.init_args.total_step` or `trainer.max_steps`"):
+        adapters.fill_total_step(config, -1)
+    lora = adapters.build_peft_config({"r": 2})
+    assert adapters.fill_total_step(lora, None) is lora
+    given = adapters.build_peft_config({"class_path": "AdaLoraConfig", "init_args": {"total_step": 3}})
+    assert adapters.fill_total_step(given, 7).total_step == 3
+
+
+@pytest.mark.parametrize(
+    ("class_path", "expected"),
+    [("AdaLoraConfig", True), ("peft.tuners.adalora.config.AdaLoraConfig", True), ("peft.LoraConfig", False)],
+)
+def test_is_adalora(class_path, expected):
+    assert adapters.is_adalora(class_path) is expected
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ tiny test model, and the result goes through the real `lpeft fit` parser; one of
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import yaml
 from hub_server import error_line, lpeft
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.interop import Conversion, convert_axolotl, convert_axolotl_file, write_run_config
 from lightning_peft.interop import axolotl_keys as keys
-from lightning_peft.interop import convert_axolotl, convert_axolotl_file
 
 CONFIGS = Path(__file__).parent / "data" / "axolotl"
 NAMES = sorted(p.stem for p in CONFIGS.glob("*.yml"))
@@ -205,6 +206,14 @@ def test_the_qlora_example_keeps_axolotls_meaning():
         "default_root_dir": "./outputs/qlora-out",
         "log_every_n_steps": 1,
     }
+
+
+def test_conversion_is_a_frozen_result_with_named_fields():
+    conversion = convert_axolotl_file(CONFIGS / "llama3_qlora.yml")
+    assert isinstance(conversion, Conversion)
+    assert {f.name for f in dataclasses.fields(conversion)} == {"config", "dropped", "notes", "carried"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        conversion.config = {}  # type: ignore[misc]
 
 
 def test_hub_data_sets_are_carried_and_flagged():
@@ -473,15 +482,29 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     assert lpeft("convert", tmp_path / "absent.yml").exit_code == 2  # click: the file must exist
 
 
-def test_an_existing_output_needs_force(tmp_path):
+def test_an_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "run.yaml"
     out.write_text("mine\n")
     result = lpeft("convert", CONFIGS / "llama3_qlora.yml", "-o", out)
-    assert result.exit_code == 2 and f"`-o` {out} exists; choose another file or pass --force" in error_line(result)
+    assert result.exit_code == 2 and f"`-o` {out} exists; choose another file or pass --overwrite" in error_line(result)
     assert out.read_text() == "mine\n"
+    result = lpeft("convert", CONFIGS / "llama3_qlora.yml", "-o", out, "--overwrite")
+    assert result.exit_code == 0 and out.read_text().startswith("# Converted from llama3_qlora.yml")
+    assert "deprecated" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no staging file left behind
+
+
+def test_the_old_force_spelling_still_overwrites_and_warns(tmp_path):
+    out = tmp_path / "run.yaml"
+    out.write_text("mine\n")
     result = lpeft("convert", CONFIGS / "llama3_qlora.yml", "-o", out, "--force")
     assert result.exit_code == 0 and out.read_text().startswith("# Converted from llama3_qlora.yml")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no staging file left behind
+    deprecations = [line for line in result.stderr.splitlines() if "deprecated" in line]
+    assert deprecations == ["lpeft: warning: --force is deprecated; use --overwrite."]
+    assert "--force" not in lpeft("convert", "--help").stdout
+    with pytest.warns(DeprecationWarning, match="`force` is deprecated; use `overwrite`"):
+        write_run_config("a: 1\n", out, force=True)
+    assert out.read_text() == "a: 1\n"
 
 
 def test_without_output_the_config_goes_to_stdout_and_warnings_to_stderr():

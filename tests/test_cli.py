@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 from helpers import write_run_config
@@ -34,6 +35,53 @@ def test_help_does_not_import_torch():
     code = "import sys; from lightning_peft.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("merge", "--overwrite"),
+        ("convert", "--overwrite"),
+        ("pull", "--allow-base-mismatch"),
+        ("inspect", "--allow-base-mismatch"),
+        ("generate", "--allow-base-mismatch"),
+    ],
+)
+def test_renamed_flags_are_documented_and_the_old_force_is_hidden(command, flag):
+    help_text = run([command, "--help"]).output
+    assert f"{flag} " in help_text and "--force" not in help_text
+
+
+@pytest.mark.parametrize("given", [[], ["--new"], ["--old"], ["--old", "--new"], ["--new", "--old"]])
+def test_a_deprecated_spelling_sets_the_new_flag_and_warns_once(given):
+    from lightning_peft.cli.flags import flag
+
+    @click.command()
+    @flag("--new", "The new spelling.", deprecated="--old")
+    def command(new):
+        click.echo(f"new={new}")
+
+    result = CliRunner().invoke(command, given)
+    assert result.exit_code == 0 and result.stdout == f"new={bool(given)}\n"
+    warned = ["lpeft: warning: --old is deprecated; use --new."] if "--old" in given else []
+    assert result.stderr.splitlines() == warned
+
+
+def test_merge_force_still_overwrites_with_a_warning(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import lightning_peft.merging
+
+    calls = []
+    monkeypatch.setattr(
+        lightning_peft.merging, "merge_adapter", lambda *a, **k: calls.append(k) or SimpleNamespace(output="ok")
+    )
+    for spelling in ("--overwrite", "--force", None):
+        result = run(["merge", str(tmp_path), "--out", str(tmp_path / "out"), *([spelling] if spelling else [])])
+        assert result.exit_code == 0, result.output
+        deprecated = "lpeft: warning: --force is deprecated; use --overwrite." in result.stderr
+        assert deprecated == (spelling == "--force")
+    assert [call["force"] for call in calls] == [True, True, False]
 
 
 def test_python_dash_m_is_the_same_command():

@@ -289,7 +289,7 @@ def test_cache_hit_skips_reading_and_tokenizing(chat_file, tiny_tokenizer, count
     first = make(chat_file, tiny_tokenizer, val_fraction=0.2)
     assert counted == {"tokenize": 1, "read": 1}
     files = list((tmp_path / "cache").glob("*.safetensors"))
-    assert len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob(".*"))  # no staging file left
     with caplog.at_level(logging.INFO, logger="lightning_peft.data"):
         second = make(chat_file, tiny_tokenizer, val_fraction=0.2)
     assert counted == {"tokenize": 1, "read": 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,16 @@ def test_publish_versions_pull_round_trip(adapter, registry, tmp_path, tiny_mode
     assert inspected.exit_code == 0, inspected.output
     assert "package: acme/capitals 1.1.1" in inspected.stdout and "all match their sha256" in inspected.stdout
     assert "base: the fingerprint matches" in inspected.stdout
+
+
+def test_the_index_is_as_readable_as_the_published_files(adapter, registry):
+    old = os.umask(0o022)  # a team registry: what one member publishes, the others read
+    try:
+        assert lpeft("publish", adapter, "acme/shared", "--registry", registry, "--no-verify").exit_code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((registry / "index.json").stat().st_mode) == 0o644
+    assert not [p.name for p in registry.iterdir() if p.name.startswith(".index")]
 
 
 def test_pulled_package_loads_with_peft(adapter, registry, tmp_path, tiny_model_dir):
@@ -213,12 +224,23 @@ def test_base_mismatch_refused_unless_forced(adapter, registry, tmp_path):
     result = lpeft("pull", "acme/x", "--to", tmp_path / "p", "--registry", registry, "--base", other)
     assert result.exit_code == 2 and "is not the one this adapter was trained on" in error_line(result)
     assert not (tmp_path / "p").exists()
-    result = lpeft("pull", "acme/x", "--to", tmp_path / "p", "--registry", registry, "--base", other, "--force")
+    pull = ["pull", "acme/x", "--to", tmp_path / "p", "--registry", registry, "--base", other]
+    result = lpeft(*pull, "--allow-base-mismatch")
     assert result.exit_code == 0 and "lpeft: warning: The base model" in result.stderr
+    assert "deprecated" not in result.stderr
     result = lpeft("inspect", tmp_path / "p", "--base", other)
-    assert result.exit_code == 2 and "pass --force" in error_line(result)
-    result = lpeft("inspect", tmp_path / "p", "--base", other, "--force")
-    assert result.exit_code == 0 and "base: MISMATCH" in result.stdout
+    assert result.exit_code == 2 and "pass --allow-base-mismatch" in error_line(result)
+    result = lpeft("inspect", tmp_path / "p", "--base", other, "--allow-base-mismatch")
+    assert result.exit_code == 0 and "base: MISMATCH (accepted with --allow-base-mismatch)" in result.stdout
+
+    # The old spelling still works, hidden from --help, with one deprecation line naming the new flag.
+    for command in ([*pull[:3], tmp_path / "q", *pull[4:]], ["inspect", tmp_path / "p", "--base", other]):
+        result = lpeft(*command, "--force")
+        assert result.exit_code == 0, result.output
+        deprecations = [line for line in result.stderr.splitlines() if "deprecated" in line]
+        assert deprecations == ["lpeft: warning: --force is deprecated; use --allow-base-mismatch."]
+        help_text = lpeft(command[0], "--help").stdout
+        assert "--allow-base-mismatch" in help_text and "--force" not in help_text
 
 
 def test_inspect_reports_bad_files_and_serving_problems(tiny_model_dir, registry, tmp_path):

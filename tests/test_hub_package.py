@@ -307,9 +307,9 @@ def test_base_check(package, tiny_model_dir, tmp_path):
 
     other = save_tiny_model(tmp_path / "other-base", seed=1)
     assert check_base(package.path, str(tiny_model_dir))
-    with pytest.raises(ConfigError, match="is not the one this adapter was trained on .*pass --force"):
+    with pytest.raises(ConfigError, match="is not the one this adapter was trained on .*pass --allow-base-mismatch"):
         check_base(package.path, str(other))
-    with pytest.warns(UserWarning, match="used anyway because of --force"):
+    with pytest.warns(UserWarning, match="used anyway because of --allow-base-mismatch"):
         assert check_base(package.path, str(other), force=True) is False
 
 

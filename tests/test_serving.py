@@ -429,6 +429,6 @@ def test_registry_reference_is_pulled_once_and_fingerprint_checked(adapter, tiny
     with pytest.raises(ConfigError, match=r"Adapter 'caps' \(.*1\.1\.0\): The base model .* is not the one"):
         other.load("caps", "acme/caps@^1")
     assert other.names == []
-    with pytest.warns(UserWarning, match="used anyway because of --force"):
+    with pytest.warns(UserWarning, match="used anyway because of --allow-base-mismatch"):
         other.load("caps", "acme/caps@^1", force=True)
     assert other.names == ["caps"]

@@ -25,7 +25,6 @@ import pickle
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_peft import atomic
 from lightning_peft.adapters import save_options
 from lightning_peft.errors import ConfigError, CorruptFileError
 from lightning_peft.files import check_folder, load_safetensors, read_json_object
@@ -93,15 +93,15 @@ def write_checkpoint(
     if compress and "optimizer_states" in state:
         state["optimizer_states"] = _map_tensors(state["optimizer_states"], _pack)
 
-    staging = _staging_folder(target)
+    staging = atomic.staging_folder(target)
     try:
         peft_model.save_pretrained(
             staging, state_dict=peft_state, safe_serialization=True, selected_adapters=[adapter], **options
         )
         torch.save(state, staging / STATE_FILE)
         _write_marker(staging, checkpoint)
-        _fsync_dir(staging)
-        _publish(staging, target)
+        atomic.fsync_dir(staging)
+        atomic.replace_folder(staging, target)  # a stop between its two renames is rolled back by _roll_back
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -183,7 +183,7 @@ def clean_up(directory: Path) -> None:
     for entry in directory.iterdir():
         name, kind = _hidden_parts(entry.name)
         if kind in ("partial", "deleting", "link") or (kind == "old" and (directory / name).exists()):
-            _delete(entry)
+            atomic.remove(entry)
 
 
 def remove_folder(folder: Path) -> None:
@@ -191,42 +191,32 @@ def remove_folder(folder: Path) -> None:
     if folder.is_symlink():
         folder.unlink()
     elif folder.exists():
-        trash = folder.with_name(f".{folder.name}.deleting-{uuid.uuid4().hex[:8]}")
+        trash = atomic.staging_name(folder, "deleting")
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
 
 def link_folder(source: Path, link: Path) -> None:
     """Point `link` at `source` with a relative symbolic link, swapped in atomically (a copy where links fail)."""
-    temporary = link.with_name(f".{link.name}.link-{uuid.uuid4().hex[:8]}")
+    temporary = atomic.staging_name(link, "link")
     try:
         os.symlink(os.path.relpath(source, link.parent), temporary, target_is_directory=True)
     except OSError:  # e.g. Windows without the symlink privilege
-        staging = link.with_name(f".{link.name}.partial-{uuid.uuid4().hex[:8]}")
+        staging = atomic.staging_name(link, "partial")
         shutil.copytree(source, staging)
-        _publish(staging, link)
+        atomic.fsync_tree(staging)
+        atomic.replace_folder(staging, link)
         return
     if link.exists() and not link.is_symlink():
         remove_folder(link)
     os.replace(temporary, link)
-    _fsync_dir(link.parent)
-
-
-# ---- atomic file-system steps ------------------------------------------------------------------------------
-
-
-def _staging_folder(target: Path) -> Path:
-    """A new hidden folder beside `target` (created with the umask's permissions, unlike mkdtemp's 0700)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    return staging
+    atomic.fsync_dir(link.parent)
 
 
 def _write_marker(folder: Path, checkpoint: dict[str, Any]) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
-            _fsync_file(path)
+            atomic.fsync_file(path)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     marker = {
         "format_version": FORMAT_VERSION,
@@ -236,19 +226,10 @@ def _write_marker(folder: Path, checkpoint: dict[str, Any]) -> None:
         "files": files,
     }
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=1))
-    _fsync_file(folder / MARKER_FILE)
+    atomic.fsync_file(folder / MARKER_FILE)
 
 
-def _publish(staging: Path, target: Path) -> None:
-    if not os.path.lexists(target):
-        os.rename(staging, target)
-    else:
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        os.rename(staging, target)  # a stop between these two renames is rolled back by _roll_back
-        _fsync_dir(target.parent)
-        _delete(old)
-    _fsync_dir(target.parent)
+# ---- recovery from interrupted writes (the steps themselves are lightning_peft.atomic's) --------------------
 
 
 def _roll_back(directory: Path) -> None:
@@ -269,33 +250,6 @@ def _hidden_parts(name: str) -> tuple[str, str | None]:
     if kind in ("partial", "old", "deleting", "link") and base and token:
         return base, kind
     return name, None
-
-
-def _delete(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on Windows; rename is still atomic there
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _map_tensors(obj: Any, pack: Any) -> Any:

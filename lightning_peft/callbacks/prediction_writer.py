@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import lightning.pytorch as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from lightning_peft.atomic import write_text
 from lightning_peft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,17 +109,8 @@ def in_file_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write `rows` as JSON Lines (UTF-8, one object a line) to a temporary file, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write `rows` as JSON Lines (UTF-8, one object a line), atomically (`lightning_peft.atomic`)."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _gather(trainer: L.Trainer, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

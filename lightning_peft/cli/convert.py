@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import click
 
+from lightning_peft.cli import flags
+from lightning_peft.cli.guard import run_guarded
+
 
 @click.command()
 @click.argument("source", metavar="AXOLOTL_YAML", type=click.Path(exists=True, dir_okay=False))
@@ -17,15 +20,14 @@ import click
     type=click.Path(dir_okay=False),
     help="The lightning-peft YAML to write [default: print it].",
 )
-@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+@flags.overwrite("Replace an existing --output file.")
 @click.pass_context
-def convert(ctx: click.Context, source: str, out: str | None, force: bool) -> None:
+def convert(ctx: click.Context, source: str, out: str | None, overwrite: bool) -> None:
     """Convert an Axolotl LoRA/QLoRA config into a config for `lpeft fit --config`.
 
     Every Axolotl key that cannot be carried over is listed, with the reason, at the top of the output and as a
     warning here.
     """
-    from lightning_peft.cli import _run_guarded
 
     def action() -> None:
         from pathlib import Path
@@ -35,7 +37,7 @@ def convert(ctx: click.Context, source: str, out: str | None, force: bool) -> No
         conversion = convert_axolotl_file(source)
         text = conversion.to_yaml(Path(source).name)
         if out is not None:
-            write_run_config(text, out, force=force)
+            write_run_config(text, out, overwrite=overwrite)
         for warning in conversion.warnings():
             click.echo(f"lpeft: warning: {warning}", err=True)
         if out is None:
@@ -46,7 +48,7 @@ def convert(ctx: click.Context, source: str, out: str | None, force: bool) -> No
             f"(listed at its top). Run it with: lpeft fit --config {out}"
         )
 
-    _run_guarded(ctx, action)
+    run_guarded(ctx, action)
 
 
 def register(group: click.Group) -> None:

@@ -12,8 +12,11 @@ from typing import Any
 
 import click
 
+from lightning_peft.cli import flags
+from lightning_peft.cli.guard import run_showing_warnings
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.files import read_text
+from lightning_peft.options import QUANTIZATIONS
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 BASE_LABEL = "base"  # AdapterServer reads it as the base model alone
@@ -43,9 +46,9 @@ BASE_LABEL = "base"  # AdapterServer reads it as the base model alone
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
 @click.option("--stream", is_flag=True, help="Print tokens as they come (one answer at a time).")
 @click.option("--with-base", is_flag=True, help="Also answer with the base model alone.")
-@click.option("--quantization", type=click.Choice(["none", "8bit", "4bit"]), default="none", show_default=True)
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="none", show_default=True)
 @click.option("--registry", metavar="hf|URL|PATH", help="Where registry references are pulled from.")
-@click.option("--force", is_flag=True, help="Load packages whose recorded base fingerprint differs from --model.")
+@flags.allow_base_mismatch("Load packages whose recorded base fingerprint differs from --model.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch.")
 @click.pass_context
 def generate(ctx: click.Context, **options: Any) -> None:
@@ -71,9 +74,7 @@ def generate(ctx: click.Context, **options: Any) -> None:
         else:
             _batched(server, prompts, labels, settings, options["batch_size"])
 
-    from lightning_peft.cli.hub import _run
-
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 def _read_prompts(prompts: tuple[str, ...], path: Path | None) -> list[str]:
@@ -127,7 +128,7 @@ def _load_server(options: dict[str, Any], adapters: dict[str, str]) -> Any:
     hf_logging.disable_progress_bar()  # the answers are the output; per-load progress bars would bury them
     server = AdapterServer(options["model"], quantization=options["quantization"], registry=options["registry"])
     for name, source in adapters.items():
-        server.load(name, source, force=options["force"])
+        server.load(name, source, force=options["allow_base_mismatch"])
     return server
 
 

@@ -6,11 +6,13 @@ logits check of `publish` (skip it with `--no-verify`).
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import click
+
+from lightning_peft.cli import flags
+from lightning_peft.cli.guard import run_showing_warnings
+from lightning_peft.options import BUMP_PARTS
 
 REGISTRY_HELP = (
     "`hf` for the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN), an http(s) Hub URL, or a local registry folder "
@@ -18,28 +20,11 @@ REGISTRY_HELP = (
 )
 
 
-def _run(ctx: click.Context, action: Callable[[], Any]) -> None:
-    """Run `action` under the CLI's error handling, showing library warnings as `lpeft: warning:` lines."""
-    from lightning_peft.cli import _run_guarded
-
-    def guarded() -> None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                action()
-            finally:
-                for warning in caught:
-                    if issubclass(warning.category, UserWarning) and "lightning_peft" in str(warning.filename):
-                        click.echo(f"lpeft: warning: {warning.message}", err=True)
-
-    _run_guarded(ctx, guarded)
-
-
 @click.command()
 @click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("repo_id")
 @click.option("--version", "version", metavar="X.Y.Z", help="The version to publish (semver).")
-@click.option("--bump", type=click.Choice(["major", "minor", "patch"]), help="Bump the latest published version.")
+@click.option("--bump", type=click.Choice(BUMP_PARTS), help="Bump the latest published version.")
 @click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
 @click.option("--private", is_flag=True, help="Create the Hub repo private.")
 @click.option("--license", "license_id", metavar="ID", help="License id for the card (e.g. apache-2.0).")
@@ -89,7 +74,7 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
         if options["out"]:
             click.echo(f"Package written to {options['out']}")
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 @click.command()
@@ -97,7 +82,7 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="The folder to write.")
 @click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
 @click.option("--base", metavar="MODEL", help="Check the adapter against this base model (alias, folder, Hub id).")
-@click.option("--force", is_flag=True, help="Accept a base whose fingerprint differs (with a warning).")
+@flags.allow_base_mismatch("Accept a base whose fingerprint differs (with a warning).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --to folder.")
 @click.pass_context
 def pull(ctx: click.Context, reference: str, **options: Any) -> None:
@@ -109,11 +94,12 @@ def pull(ctx: click.Context, reference: str, **options: Any) -> None:
     def action() -> None:
         from lightning_peft.hub import pull as pull_adapter
 
-        result = pull_adapter(reference, options["to"], **{k: v for k, v in options.items() if k != "to"})
+        settings = {k: v for k, v in options.items() if k not in ("to", "allow_base_mismatch")}
+        result = pull_adapter(reference, options["to"], force=options["allow_base_mismatch"], **settings)
         checked = "; base fingerprint matches" if result.base_matches else ""
         click.echo(f"Pulled {result.repo_id} {result.version} into {result.path} (checksums verified{checked})")
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 @click.command()
@@ -137,20 +123,22 @@ def versions(ctx: click.Context, repo_id: str, registry: str | None) -> None:
             details = "  ".join(str(x) for x in (info.created_at, info.message) if x)
             click.echo(f"{info.version}{mark}  {details}".rstrip())
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 @click.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--base", metavar="MODEL", help="Check compatibility with this base model (alias, folder, Hub id).")
-@click.option("--force", is_flag=True, help="Report a base mismatch instead of failing on it.")
+@flags.allow_base_mismatch("Report a base mismatch instead of failing on it.")
 @click.option(
     "--serving",
     type=click.Choice(["vllm"]),
     help="Only check whether this server can load the adapter: one reason per line, exit code 2 if it cannot.",
 )
 @click.pass_context
-def inspect(ctx: click.Context, directory: str, base: str | None, force: bool, serving: str | None) -> None:
+def inspect(
+    ctx: click.Context, directory: str, base: str | None, allow_base_mismatch: bool, serving: str | None
+) -> None:
     """Show a package's manifest, check its files, serving compatibility and (with --base) its base model."""
     if serving is not None:
         _inspect_serving(ctx, directory, base)
@@ -160,13 +148,13 @@ def inspect(ctx: click.Context, directory: str, base: str | None, force: bool, s
         from lightning_peft.errors import DataError
         from lightning_peft.hub import inspect as inspect_folder
 
-        report = inspect_folder(directory, base=base, force=force)
+        report = inspect_folder(directory, base=base, force=allow_base_mismatch)
         for line in _report_lines(report):
             click.echo(line)
         if report.file_problems:
             raise DataError(f"{directory}: {report.file_problems[0]} ({len(report.file_problems)} problem(s)).")
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
 
 
 def _inspect_serving(ctx: click.Context, directory: str, base: str | None) -> None:
@@ -191,7 +179,7 @@ def _inspect_serving(ctx: click.Context, directory: str, base: str | None) -> No
             click.echo(f"  note: {line}")
         found.append(report)
 
-    _run(ctx, action)
+    run_showing_warnings(ctx, action)
     if found and not found[0].vllm_compatible:
         ctx.exit(2)  # outside the guarded action: scripts gate on the code, and this is a verdict, not an error
 
@@ -215,7 +203,9 @@ def _report_lines(report: Any) -> list[str]:
     lines += [f"  serving: {n}" for n in report.serving_notes]
     if report.base_matches is not None:
         lines.append(
-            "  base: the fingerprint matches" if report.base_matches else "  base: MISMATCH (accepted with --force)"
+            "  base: the fingerprint matches"
+            if report.base_matches
+            else "  base: MISMATCH (accepted with --allow-base-mismatch)"
         )
     return lines
 

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
+from lightning_peft.adapters import adalora_total_step, is_adalora
 from lightning_peft.callbacks import AdapterCheckpoint, MetricHistory, PredictionWriter, RunSummary
 from lightning_peft.cli.config_errors import one_line
 from lightning_peft.data import SFTDataModule
@@ -158,15 +159,11 @@ def _fill_adalora_total_step(config: Any) -> None:
     """AdaLoRA needs its schedule length when its config is built, which jsonargparse does before the Trainer
     exists: take it from `trainer.max_steps`, as the module does from Python."""
     adapter = config.model.init_args.get("adapter") if config.get("model") else None
-    if not hasattr(adapter, "class_path") or not str(adapter.class_path).endswith("AdaLoraConfig"):
+    if not hasattr(adapter, "class_path") or not is_adalora(adapter.class_path):
         return
     if adapter.init_args.get("total_step") is None:
-        max_steps = config.trainer.get("max_steps") or -1
-        if max_steps <= 0:
-            raise ConfigError(
-                "AdaLoRA needs the number of training steps: set `model.adapter.init_args.total_step` or `trainer.max_steps`."
-            )
-        adapter.init_args.total_step = max_steps
+        max_steps = config.trainer.get("max_steps")
+        adapter.init_args.total_step = adalora_total_step(max_steps, option="model.adapter.init_args.total_step")
 
 
 def _default_loggers(config: Any) -> None:

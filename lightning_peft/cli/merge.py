@@ -10,8 +10,11 @@ from typing import Any
 
 import click
 
+from lightning_peft.cli import flags
+from lightning_peft.cli.guard import run_guarded
+from lightning_peft.options import DTYPES, QUANTIZATIONS
+
 MODES = ("dequantized", "original", "quantized")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @click.command()
@@ -20,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @click.option("--base", metavar="MODEL", help="The base model (alias, folder, Hub id) [default: the adapter config's].")
 @click.option(
     "--quantization",
-    type=click.Choice(["auto", "none", "4bit", "8bit"]),
+    type=click.Choice(["auto", *QUANTIZATIONS]),
     default="auto",
     show_default=True,
     help="How the base was loaded in training; auto reads the run's hparams.yaml next to the adapter, else none.",
@@ -46,7 +49,7 @@ DTYPES = ("float32", "bfloat16", "float16")
     default=None,
     help="Also measure the other merge modes for the report [default: when the base is quantized].",
 )
-@click.option("--force", is_flag=True, help="Replace an existing, non-empty --out folder.")
+@flags.overwrite("Replace an existing, non-empty --out folder.")
 @click.pass_context
 def merge(ctx: click.Context, adapter_dir: str, **options: Any) -> None:
     """Merge the PEFT adapter in ADAPTER_DIR into its base model and write a transformers model folder to --out.
@@ -70,14 +73,12 @@ def merge(ctx: click.Context, adapter_dir: str, **options: Any) -> None:
             dtype=options["dtype"],
             tolerance=options["tolerance"],
             max_shard_size=options["max_shard_size"],
-            force=options["force"],
+            force=options["overwrite"],
             compare_modes=options["compare_modes"],
         )
         click.echo(report.output)
 
-    from lightning_peft.cli import _run_guarded
-
-    _run_guarded(ctx, action)
+    run_guarded(ctx, action)
 
 
 def _json_options(text: str | None) -> dict[str, Any] | None:

@@ -18,7 +18,9 @@ from lightning_peft.data.collate import (
 from lightning_peft.data.datamodule import SFTDataModule
 from lightning_peft.data.formats import FORMATS
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset, first_fit_decreasing
-from lightning_peft.data.tokenization import IGNORE_INDEX, TokenizedData, TokenizedPrompts
+from lightning_peft.data.tokenization import TokenizedPrompts
+from lightning_peft.data.tokenized import TokenizedData
+from lightning_peft.labels import IGNORE_INDEX
 
 __all__ = [
     "FORMATS",

@@ -12,15 +12,15 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lightning_peft.atomic import staged_file
 from lightning_peft.data.readers import require_exists
-from lightning_peft.data.tokenization import TokenizedData
+from lightning_peft.data.tokenized import TokenizedData
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,8 @@ def _save(target: Path, data: TokenizedData) -> None:
     arrays = {name: np.ascontiguousarray(getattr(data, name)) for name in _ARRAYS}
     arrays["truncated"] = arrays["truncated"].astype(np.uint8)
     metadata = {"n_records": str(data.n_records), "format": data.format, "version": str(CACHE_VERSION)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged_file(target) as staging:
+        save_file(arrays, str(staging), metadata=metadata)
 
 
 def _load(target: Path) -> TokenizedData | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_peft.data.tokenization import IGNORE_INDEX
+from lightning_peft.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,12 +33,13 @@ from lightning_peft.data.mixing import mix, planned_count
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset
 from lightning_peft.data.readers import require_exists
 from lightning_peft.data.sources import DataSource, describe
-from lightning_peft.data.tokenization import TokenizedData, TokenizedPrompts, prepare_file, prepare_prompts
+from lightning_peft.data.tokenization import TokenizedPrompts, prepare_file, prepare_prompts
+from lightning_peft.data.tokenized import TokenizedData
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.options import DataFormat
 
 log = logging.getLogger(__name__)
 
-DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
 Source = str | dict[str, Any]
 # The role each single-source setting's data plays in a run (train_datasets entries are all "train").
 _ROLES = {"train_file": "train", "val_file": "validation", "test_file": "test"}

@@ -19,10 +19,10 @@ from typing import Any
 from lightning_peft.data import chat_templates
 from lightning_peft.data.readers import Records
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.options import FORMATS
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("messages", "prompt_completion", "alpaca", "text")
 FIELDS: tuple[str, ...] = ("messages", "prompt", "completion", "instruction", "input", "output", "text")
 # In detection order: the first format whose fields are all present wins.
 REQUIRED: dict[str, tuple[str, ...]] = {

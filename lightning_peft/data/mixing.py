@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lightning_peft.data.sources import DataSource
-from lightning_peft.data.tokenization import TokenizedData
+from lightning_peft.data.tokenized import TokenizedData
 from lightning_peft.errors import DataError
 
 

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from lightning_peft.data.tokenization import IGNORE_INDEX, TokenizedData, TokenizedPrompts
+from lightning_peft.data.tokenization import TokenizedPrompts
+from lightning_peft.data.tokenized import TokenizedData
+from lightning_peft.labels import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -17,7 +17,8 @@ from lightning_peft.hub.api import PublishResult, PullResult, inspect, list_vers
 from lightning_peft.hub.fingerprint import fingerprint, locate_base
 from lightning_peft.hub.manifest import Manifest
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter
-from lightning_peft.hub.registry import LocalRegistry, Registry, VersionInfo, get_registry
+from lightning_peft.hub.registries import get_registry
+from lightning_peft.hub.registry import LocalRegistry, Registry, VersionInfo
 from lightning_peft.hub.verify import check_base
 
 __all__ = [

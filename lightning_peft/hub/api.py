@@ -20,7 +20,8 @@ from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub import manifest as manifest_lib
 from lightning_peft.hub.lint import lint_adapter_config
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter, read_source
-from lightning_peft.hub.registry import Registry, VersionInfo, check_repo_id, get_registry
+from lightning_peft.hub.registries import get_registry
+from lightning_peft.hub.registry import Registry, VersionInfo, check_repo_id
 from lightning_peft.hub.verify import check_base, compare_logits
 from lightning_peft.hub.versions import check_spec, next_version, parent_of, resolve
 

@@ -8,9 +8,8 @@ A registry stores immutable versions of `org/name` packages. The local one keeps
 - The folders are the truth; the index is a catalog (creation time, message) that a publish reconciles with
   them. Published files are made read-only.
 
-`--registry hf` (or an http(s) URL) selects the Hugging Face Hub (`hf_registry.py`); any other value is a
-local registry folder. The default is `$LPEFT_REGISTRY`, else `$XDG_DATA_HOME/lightning_peft/registry`
-(`~/.local/share/lightning_peft/registry`).
+The default folder is `$LPEFT_REGISTRY`, else `$XDG_DATA_HOME/lightning_peft/registry`
+(`~/.local/share/lightning_peft/registry`). `registries.get_registry` turns a `--registry` value into a registry.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_peft.atomic import fsync_dir, fsync_tree, write_bytes
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path, dumps, read
 
@@ -113,20 +113,6 @@ def default_registry_root() -> Path:
     return Path(data_home) / "lightning_peft" / "registry"
 
 
-def get_registry(spec: str | os.PathLike | None = None) -> Registry:
-    """`hf` or an http(s) URL → the Hugging Face Hub; a folder → a local registry; None → the default folder."""
-    text = str(spec).strip() if spec is not None else ""
-    if text.lower() in ("hf", "hub", "huggingface"):
-        from lightning_peft.hub.hf_registry import HfRegistry
-
-        return HfRegistry()
-    if text.startswith(("http://", "https://")):
-        from lightning_peft.hub.hf_registry import HfRegistry
-
-        return HfRegistry(endpoint=text.rstrip("/"))
-    return LocalRegistry(Path(text).expanduser() if text else default_registry_root())
-
-
 class LocalRegistry(Registry):
     """Packages in a folder: `<root>/<org>/<name>/<version>/` plus `<root>/index.json`."""
 
@@ -189,7 +175,9 @@ class LocalRegistry(Registry):
                 )
             _make_read_only(package_dir)
             package_dir.chmod(0o755)  # mkdtemp made it private to this user
-            os.rename(package_dir, target)
+            fsync_tree(package_dir)
+            os.rename(package_dir, target)  # never over an existing version (checked above, under the lock)
+            fsync_dir(target.parent)
             self._update_index(repo_id)
         return str(target)
 
@@ -200,10 +188,7 @@ class LocalRegistry(Registry):
         for version, folder in self._scan(repo_id):
             entries.setdefault(str(version), self._entry_from_manifest(folder))
         data = {"format": INDEX_FORMAT, "repos": {k: dict(sorted(v.items())) for k, v in sorted(index.items())}}
-        handle, tmp = tempfile.mkstemp(prefix=".index-", dir=self.root)
-        with os.fdopen(handle, "wb") as out:
-            out.write(dumps(data))
-        os.replace(tmp, self.root / INDEX_FILE)
+        write_bytes(self.root / INDEX_FILE, dumps(data))  # readable to all who may read the registry
 
     def _read_index(self) -> dict[str, dict[str, Any]]:
         path = self.root / INDEX_FILE

@@ -50,8 +50,8 @@ def check_base(adapter_dir: str | Path, base: str, *, force: bool = False) -> bo
         f"({recorded.id or 'a local model'}, fingerprint {recorded.fingerprint[:19]}…)"
     )
     if not force:
-        raise ConfigError(f"{message}; load it onto that base, or pass --force to use it anyway.")
-    warnings.warn(f"{message}; used anyway because of --force.", stacklevel=2)
+        raise ConfigError(f"{message}; load it onto that base, or pass --allow-base-mismatch to use it anyway.")
+    warnings.warn(f"{message}; used anyway because of --allow-base-mismatch.", stacklevel=2)
     return False
 
 

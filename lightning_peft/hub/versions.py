@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from lightning_peft.errors import ConfigError
+from lightning_peft.options import BUMP_PARTS
 
 if TYPE_CHECKING:
     from semver import Version
 
-BumpPart = Literal["major", "minor", "patch"]
-BUMP_PARTS: tuple[str, ...] = ("major", "minor", "patch")
 TAG_PREFIX = "v"
 _COMPARATOR = re.compile(r"^(>=|<=|>|<|=|\^|~)?\s*v?(\d+(?:\.\d+){0,2}(?:-[0-9A-Za-z.-]+)?)$")
 

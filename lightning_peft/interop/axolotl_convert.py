@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from lightning_peft.errors import ConfigError
@@ -34,25 +33,8 @@ from lightning_peft.interop.axolotl_keys import (
     SCHEDULERS,
     UNKNOWN,
 )
-from lightning_peft.interop.axolotl_values import integer, number, show, unset
-
-
-@dataclass(frozen=True)
-class Dropped:
-    """An Axolotl setting the converted config does not carry.
-
-    Attributes:
-        key: Where it was, e.g. `deepspeed` or `datasets[0].roles_to_train`.
-        value: What it held.
-        reason: Why it is not carried, and what to do instead.
-    """
-
-    key: str
-    value: Any
-    reason: str
-
-    def line(self) -> str:
-        return f"{self.key}={show(self.value)}: {self.reason}"
+from lightning_peft.interop.axolotl_result import Conversion, Dropped
+from lightning_peft.interop.axolotl_values import integer, number, unset
 
 
 class Converter(DataConversion):
@@ -80,8 +62,8 @@ class Converter(DataConversion):
     def drop(self, key: str, value: Any, reason: str) -> None:
         self.dropped.append(Dropped(key, value, reason))
 
-    def run(self) -> tuple[dict[str, Any], list[Dropped], list[str], list[str]]:
-        """(the run config, the settings not carried, the notes, the top-level keys carried)."""
+    def run(self) -> Conversion:
+        """The run config, the settings not carried, the notes and the top-level keys carried."""
         self._base_model()
         self._quantization()
         self._adapter()
@@ -100,7 +82,7 @@ class Converter(DataConversion):
             for key, value in self.source.items()
             if key not in whole and key not in AXOLOTL_ONLY and (key in self.taken or value is False)
         ]
-        return config, self.dropped, self.notes, carried
+        return Conversion(config, self.dropped, self.notes, carried)
 
     # ---- model -------------------------------------------------------------------------------------------------
 

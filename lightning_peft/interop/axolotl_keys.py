@@ -6,6 +6,8 @@ Tables only; `axolotl.py` does the converting. Sources: Axolotl's `utils/schemas
 
 from __future__ import annotations
 
+from lightning_peft.options import ATTN_IMPLEMENTATIONS
+
 # Mirrors of lightning-peft settings, so that converting imports neither torch nor the data package (the tests
 # check each against its original: data.formats, data.readers, module.PeftCausalLM).
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -16,7 +18,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
 # whitespace, default system prompts or BOS handling, so they are not mapped to a look-alike.
 AXOLOTL_TEMPLATES = {"chatml": "chatml", "llama3": "llama3", "gemma": "gemma"}
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
-ATTENTION = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+ATTENTION = ATTN_IMPLEMENTATIONS
 
 ADAPTER_TYPES = ("lora", "qlora")
 # transformers' OptimizerNames (Axolotl's `optimizer`) → PeftCausalLM.optimizer.
