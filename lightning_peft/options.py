@@ -31,6 +31,10 @@ ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
 DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "text"]
 FORMATS: tuple[str, ...] = get_args(DataFormat)[1:]
 
+#: How `lpeft merge` / `AdapterMerge` merge a quantized base (see `lightning_peft.merging`).
+MergeMode = Literal["dequantized", "original", "quantized"]
+MERGE_MODES: tuple[str, ...] = get_args(MergeMode)
+
 #: The semver part `lpeft publish --bump` increments.
 BumpPart = Literal["major", "minor", "patch"]
 BUMP_PARTS: tuple[str, ...] = get_args(BumpPart)

@@ -191,7 +191,7 @@ def test_existing_out_is_refused_without_force(lora_dir, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(ConfigError, match="already exists and is not empty.*--force"):
+    with pytest.raises(ConfigError, match="already exists and is not empty.*--overwrite"):
         merge_adapter(lora_dir, out)
     assert (out / "keep.txt").exists()
     merge_adapter(lora_dir, out, force=True)

@@ -12,9 +12,9 @@ import click
 
 from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_guarded
-from lightning_peft.options import DTYPES, QUANTIZATIONS
+from lightning_peft.options import DTYPES, MERGE_MODES, QUANTIZATIONS
 
-MODES = ("dequantized", "original", "quantized")
+MODES = MERGE_MODES
 
 
 @click.command()

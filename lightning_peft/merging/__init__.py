@@ -124,7 +124,7 @@ def _write_folder(model: Any, tokenizer: Any, report: MergeReport, out: Path, ma
     model.to(getattr(torch, report.dtype))
     if hasattr(model.config, "quantization_config"):  # never the case for a float load; kept as a guarantee
         del model.config.quantization_config
-    # `out` was checked (and --force given if it exists) before the slow part started.
+    # `out` was checked (and --overwrite given if it exists) before the slow part started.
     with staged_folder(out, overwrite=True) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)

@@ -267,7 +267,7 @@ def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
         raise ConfigError(f"`out` {out} exists and is not a folder; choose another path.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(
-            f"`out` {out} already exists and is not empty; choose another folder or pass `force` (--force) "
+            f"`out` {out} already exists and is not empty; choose another folder or pass `force` (--overwrite) "
             "to replace it."
         )
 

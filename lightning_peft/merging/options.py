@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from lightning_peft.errors import ConfigError
-from lightning_peft.models import QUANTIZATIONS
+from lightning_peft.options import DTYPES as MERGE_DTYPES
+from lightning_peft.options import MERGE_MODES, QUANTIZATIONS, MergeMode
+from lightning_peft.options import DtypeName as MergeDtype
 
-MergeMode = Literal["dequantized", "original", "quantized"]
-MERGE_MODES: tuple[str, ...] = ("dequantized", "original", "quantized")
-MergeDtype = Literal["float32", "bfloat16", "float16"]
-MERGE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+__all__ = ["DEFAULT_TOLERANCE", "MERGE_DTYPES", "MERGE_MODES", "MergeDtype", "MergeMode", "check_merge_options"]
 DEFAULT_TOLERANCE = 1e-4
 
 
