@@ -14,8 +14,6 @@ from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_guarded
 from lightning_peft.options import DTYPES, MERGE_MODES, QUANTIZATIONS
 
-MODES = MERGE_MODES
-
 
 @click.command()
 @click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=str))
@@ -31,7 +29,7 @@ MODES = MERGE_MODES
 @click.option("--quantization-options", metavar="JSON", help="BitsAndBytesConfig arguments used in training, as JSON.")
 @click.option(
     "--mode",
-    type=click.Choice(MODES),
+    type=click.Choice(MERGE_MODES),
     default="dequantized",
     show_default=True,
     help="For a quantized base: merge onto its dequantized weights (what the adapter was trained against), onto "
