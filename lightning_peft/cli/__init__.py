@@ -136,3 +136,7 @@ _register_generate_command(cli)
 from lightning_peft.cli.convert import register as _register_convert_command  # noqa: E402 (the group must exist first)
 
 _register_convert_command(cli)
+
+from lightning_peft.cli.eval import register as _register_eval_command  # noqa: E402 (the group must exist first)
+
+_register_eval_command(cli)

@@ -382,6 +382,17 @@ class AdapterServer:
             encoded = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
 
+    def chat_template(self, name: str | None = None) -> str:
+        """The chat template `chat` prompts of adapter `name` are rendered with (None or "base": the base's).
+
+        Raises:
+            ConfigError: `name` is not loaded, or neither the adapter nor the base has a chat template.
+        """
+        name = BASE if name in _BASE_ALIASES else name
+        if name != BASE:
+            self._require_loaded([name])
+        return self._chat_template(name)
+
     def _chat_template(self, row: str) -> str:
         template = (None if row == BASE else self._templates.get(row)) or self.tokenizer.chat_template
         if not template:
