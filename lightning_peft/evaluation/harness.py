@@ -112,7 +112,7 @@ def _absolute(files: Any, task_file: Path, option: str) -> Any:
     path = Path(files).expanduser()
     candidate = path if path.is_absolute() else task_file.resolve().parent / path
     if candidate.is_file():
-        return str(candidate)
+        return str(candidate.resolve())
     if path.is_file():  # relative to the working folder, as the harness itself reads it
         return str(path.resolve())
     raise FileNotFoundError(
