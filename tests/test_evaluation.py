@@ -304,3 +304,33 @@ def test_relative_data_files_are_read_from_the_task_folder(mc_task, tmp_path, mo
     assert tasks.labels == [str(mc_task)] and tasks.include_path == [str(mc_task.parent)]
     assert tasks.specs[0]["dataset_kwargs"]["data_files"] == {"test": str(mc_task.parent.parent / "data/mc.jsonl")}
     assert not tasks.include_defaults
+
+
+# ---- during training -------------------------------------------------------------------------------------------
+
+
+def test_callback_logs_the_base_before_and_the_adapter_after_into_the_metric_history(tiny_model_dir, mc_task, tmp_path):
+    from helpers import run_folder, write_run_config
+
+    from lightning_peft.cli.lightning import run_lightning_cli
+
+    callback = {"class_path": "lightning_peft.callbacks.LmEvalCallback", "init_args": {"tasks": [str(mc_task)]}}
+    config = write_run_config(
+        tmp_path, tiny_model_dir, model={"learning_rate": 0.05}, trainer={"callbacks": [callback]}
+    )
+    run_lightning_cli(["fit", "--config", str(config)])
+    folder = run_folder(tmp_path / "runs")
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    logged = [(row["step"], row["lm_eval/tiny_mc/acc"]) for row in rows if "lm_eval/tiny_mc/acc" in row]
+    assert [step for step, _ in logged] == [0, 2]
+    for (_, accuracy), adapter in zip(logged, (None, folder / "adapter"), strict=True):
+        picks = [max(range(len(lp)), key=lp.__getitem__) for lp in by_hand(tiny_model_dir, adapter)]
+        assert accuracy == pytest.approx(sum(p == q[2] for p, q in zip(picks, QUESTIONS, strict=True)) / 6)
+    assert flat(by_hand(tiny_model_dir, None)) != pytest.approx(flat(by_hand(tiny_model_dir, folder / "adapter")))
+
+
+def test_callback_checks_its_tasks_when_built(tmp_path):
+    from lightning_peft.callbacks import LmEvalCallback
+
+    with pytest.raises(FileNotFoundError, match=r"^`tasks` .*nope\.yaml: no such task file"):
+        LmEvalCallback(tasks=[str(tmp_path / "nope.yaml")])
