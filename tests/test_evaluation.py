@@ -196,6 +196,27 @@ def test_capitals_example_task_scores_with_the_shared_function(tiny_model_dir, t
     assert {"valid_json,none", "right_capital,none"} <= set(results)
 
 
+def test_a_4bit_base_is_what_the_harness_scores(tiny_model_dir, mc_task, tmp_path):
+    """`--quantization 4bit` loads as lpeft generate does, and the harness's log-likelihoods are that model's."""
+    from lightning_peft.serving import AdapterServer
+
+    out = tmp_path / "out"
+    result = lpeft("eval", "--model", tiny_model_dir, "--tasks", mc_task, "--quantization", "4bit", "--output", out,
+                   "--log-samples")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    samples = [json.loads(line) for line in (out / "samples" / "base" / "tiny_mc.jsonl").read_text().splitlines()]
+    harness = flat([[resp[0][0] for resp in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])])
+    server = AdapterServer(str(tiny_model_dir), quantization="4bit")
+    quantized = flat(
+        [
+            [summed_log_probs(server.model, server.tokenizer, f"Q: {q}\nA:", f" {c}") for c in cs]
+            for q, cs, _ in QUESTIONS
+        ]
+    )
+    assert harness == pytest.approx(quantized, abs=1e-4)
+    assert harness != pytest.approx(flat(by_hand(tiny_model_dir, None)), abs=1e-4)  # not the float model's
+
+
 # ---- the table -------------------------------------------------------------------------------------------------
 
 
