@@ -217,6 +217,41 @@ def test_a_4bit_base_is_what_the_harness_scores(tiny_model_dir, mc_task, tmp_pat
     assert harness != pytest.approx(flat(by_hand(tiny_model_dir, None)), abs=1e-4)  # not the float model's
 
 
+def test_a_registry_reference_scores_as_its_folder(adapter, tiny_model_dir, mc_task, tmp_path, monkeypatch):
+    from lightning_peft.hub import publish
+
+    monkeypatch.setenv("LPEFT_CACHE", str(tmp_path / "cache"))
+    publish(adapter, "acme/caps", registry=tmp_path / "registry", verify=False)
+    out = tmp_path / "out"
+    result = lpeft(
+        "eval", "--model", tiny_model_dir, "--adapter", "acme/caps@^1", "--adapter", f"local={adapter}",
+        "--registry", tmp_path / "registry", "--tasks", mc_task, "--output", out, "--log-samples",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert list(models) == ["caps", "local"] and models["caps"]["adapter"] == "acme/caps@^1"
+    resps = {
+        label: [
+            json.loads(line)["resps"] for line in (out / "samples" / label / "tiny_mc.jsonl").read_text().splitlines()
+        ]
+        for label in models
+    }
+    assert resps["caps"] == resps["local"]
+    assert models["caps"]["results"] == models["local"]["results"]
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lightning_peft.cli import main\n"
+        "try: main(['eval', '--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--num-fewshot" in out and out.strip().endswith("False")
+
+
 # ---- the table -------------------------------------------------------------------------------------------------
 
 
