@@ -252,6 +252,30 @@ def test_help_does_not_import_torch():
     assert "--num-fewshot" in out and out.strip().endswith("False")
 
 
+def test_chat_prompts_use_each_adapters_own_template(tiny_model_dir, tmp_path):
+    """With --chat the base renders prompts with its tokenizer's template, an adapter with the one saved with it."""
+    from transformers import AutoTokenizer
+
+    folder = make_adapter(tmp_path / "styled", tiny_model_dir, seed=4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}[[{{ m['content'] }}]]{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"prompt": "Hello", "answer": "x"}) + "\n")
+    (tmp_path / "gen.yaml").write_text(GEN_TASK)
+    out = tmp_path / "out"
+    result = lpeft("eval", "--model", tiny_model_dir, "--adapter", folder, "--with-base", "--chat",
+                   "--tasks", tmp_path / "gen.yaml", "--output", out, "--log-samples")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    prompts = {
+        label: json.loads((out / "samples" / label / "tiny_gen.jsonl").read_text())["arguments"][0][0]
+        for label in ("base", "styled")
+    }
+    assert prompts["styled"] == "[[Hello]]=>"
+    assert prompts["base"].startswith("<|im_start|>user\nHello<|im_end|>")
+
+
 # ---- the table -------------------------------------------------------------------------------------------------
 
 
