@@ -276,6 +276,17 @@ def test_chat_prompts_use_each_adapters_own_template(tiny_model_dir, tmp_path):
     assert prompts["base"].startswith("<|im_start|>user\nHello<|im_end|>")
 
 
+def test_limit_and_num_fewshot_reach_the_harness(tiny_model_dir, mc_task, tmp_path):
+    out = tmp_path / "out"
+    result = lpeft("eval", "--model", tiny_model_dir, "--tasks", mc_task, "--limit", "2", "--num-fewshot", "1",
+                   "--output", out, "--log-samples")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    base = json.loads((out / "results.json").read_text())["models"]["base"]
+    assert base["n-samples"]["tiny_mc"] == {"original": 6, "effective": 2} and base["n-shot"]["tiny_mc"] == 1
+    samples = [json.loads(line) for line in (out / "samples" / "base" / "tiny_mc.jsonl").read_text().splitlines()]
+    assert all(s["arguments"][0][0].count("Q: ") == 2 for s in samples)  # one example, then the question
+
+
 # ---- the table -------------------------------------------------------------------------------------------------
 
 
