@@ -2,6 +2,9 @@
 
 python examples/eval_capitals.py                       # the base model alone
 python examples/eval_capitals.py runs/quickstart/lightning_logs/version_0/adapter
+
+The same scores through lm-evaluation-harness, base and adapter side by side (tasks/capitals.yaml):
+lpeft eval --model smollm2-135m-instruct --adapter ADAPTER_DIR --with-base --chat --tasks examples/tasks/capitals.yaml
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from pathlib import Path
 
 from lightning_peft import PeftCausalLM
 
+sys.path.insert(0, str(Path(__file__).parent / "tasks"))
+from capitals import judge  # the harness task's scoring, beside its YAML
+
 VAL = Path(__file__).parent / "data" / "capitals_val.jsonl"
 
 
@@ -20,14 +26,9 @@ def score(model: PeftCausalLM) -> tuple[int, int, int]:
     valid_json = right_capital = 0
     for row in rows:
         question, answer = (m["content"] for m in row["messages"])
-        expected = json.loads(answer)["capital"]
-        reply = model.generate(question, max_new_tokens=24)
-        try:
-            valid_json += 1
-            right_capital += json.loads(reply).get("capital") == expected
-        except (json.JSONDecodeError, AttributeError):
-            valid_json -= 1
-            right_capital += expected in reply
+        valid, right = judge(model.generate(question, max_new_tokens=24), json.loads(answer)["capital"])
+        valid_json += valid
+        right_capital += right
     return valid_json, right_capital, len(rows)
 
 

@@ -1,4 +1,5 @@
-"""Every YAML under examples/ goes through the real `lpeft fit` parser and trains 2 steps on the tiny model.
+"""Every YAML under examples/ goes through the real `lpeft fit` parser and trains 2 steps on the tiny model;
+the harness task files in examples/tasks/ are built by lm-evaluation-harness (data read, prompts rendered).
 
 Configs directly in examples/ run from the repository root (their data paths start with `examples/`); a config
 in a subfolder is a user project and runs from its own folder, with that folder importable.
@@ -15,7 +16,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-CONFIGS = sorted(EXAMPLES.rglob("*.yaml"))
+TASKS = sorted((EXAMPLES / "tasks").glob("*.yaml"))  # lm-evaluation-harness task files, for `lpeft eval`
+CONFIGS = sorted(set(EXAMPLES.rglob("*.yaml")) - set(TASKS))
 CUSTOM_LOSS = EXAMPLES / "custom_loss" / "config.yaml"  # has its own test, with the generic checks too
 METHODS = {"lora", "qlora", "dora", "adalora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning"}
 
@@ -136,3 +138,13 @@ def test_custom_loss_project_uses_its_own_loss(tiny_model_dir, tmp_path, monkeyp
     assert model.compute_loss(logits, batch["labels"], batch) == plain
     model.model.train()
     assert model.compute_loss(logits, batch["labels"], batch) > plain  # smoothing + z-loss add to the loss
+
+
+@pytest.mark.parametrize("task_file", TASKS, ids=_id)
+def test_task_files_build_in_the_harness(task_file, monkeypatch, tmp_path):
+    pytest.importorskip("lm_eval")
+    from lightning_peft.evaluation import resolve_tasks
+
+    monkeypatch.chdir(tmp_path)  # data paths are relative to the task file, not the working folder
+    [config] = resolve_tasks([str(task_file)]).specs
+    assert config["task"] == task_file.stem

@@ -32,7 +32,6 @@ def test_no_module_spells_a_list_out_again(name):
     copies = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if path != PACKAGE / "options.py"
-        and re.search(spelled, path.read_text(encoding="utf-8"))
+        if path != PACKAGE / "options.py" and re.search(spelled, path.read_text(encoding="utf-8"))
     ]
     assert copies == [], f"{name} {values} is spelled out again in {copies}: import it from lightning_peft.options"

@@ -13,6 +13,7 @@ import click
 
 from lightning_peft import __version__
 from lightning_peft.cli.convert import register as _register_convert_command
+from lightning_peft.cli.eval import register as _register_eval_command
 from lightning_peft.cli.generate import register as _register_generate_command
 from lightning_peft.cli.guard import run_guarded
 from lightning_peft.cli.hub import register as _register_hub_commands
@@ -72,5 +73,6 @@ for _register in (
     _register_merge_command,
     _register_generate_command,
     _register_convert_command,
+    _register_eval_command,
 ):
     _register(cli)

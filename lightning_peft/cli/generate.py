@@ -62,8 +62,8 @@ def generate(ctx: click.Context, **options: Any) -> None:
         from transformers import set_seed
 
         prompts = _read_prompts(options["prompts"], options["prompts_file"])
-        adapters = _parse_adapters(options["adapters"])
-        server = _load_server(options, adapters)
+        adapters = parse_adapters(options["adapters"])
+        server = load_server(options, adapters)
         set_seed(options["seed"])  # after loading: PEFT draws initial LoRA weights before it loads the saved ones
         labels = list(adapters) + ([BASE_LABEL] if options["with_base"] or not adapters else [])
         settings = dict(
@@ -102,7 +102,7 @@ def _jsonl_prompt(path: Path, number: int, line: str) -> str:
     return row["prompt"]
 
 
-def _parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
+def parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
     """`[NAME=]SOURCE` → {name: source}; the name defaults to the folder's or the repo's name."""
     adapters: dict[str, str] = {}
     for spec in specs:
@@ -120,7 +120,7 @@ def _parse_adapters(specs: tuple[str, ...]) -> dict[str, str]:
     return adapters
 
 
-def _load_server(options: dict[str, Any], adapters: dict[str, str]) -> Any:
+def load_server(options: dict[str, Any], adapters: dict[str, str]) -> Any:
     from transformers.utils import logging as hf_logging
 
     from lightning_peft.serving import AdapterServer

@@ -325,6 +325,17 @@ class AdapterServer:
             templates = [self._chat_template(row) for row in self._row_adapters(adapters, len(prompts))]
         return encode_prompts(self.tokenizer, prompts, self.device, templates)
 
+    def chat_template(self, name: str | None = None) -> str:
+        """The chat template `chat` prompts of adapter `name` are rendered with (None or "base": the base's).
+
+        Raises:
+            ConfigError: `name` is not loaded, or neither the adapter nor the base has a chat template.
+        """
+        name = BASE if name in BASE_ALIASES else name
+        if name != BASE:
+            self._require_loaded([name])
+        return self._chat_template(name)
+
     def _chat_template(self, row: str) -> str:
         template = (None if row == BASE else self._templates.get(row)) or self.tokenizer.chat_template
         if not template:
