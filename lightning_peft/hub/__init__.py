@@ -7,13 +7,23 @@
 
 Modules: `versions` (semver and ranges), `fingerprint` (the base model's identity), `runinfo` (what the run
 logged), `plot` (loss curve), `lint` (serving compatibility), `manifest` (the typed `Manifest`), `card`, `package` (offline
-packaging), `registry` (interface + local folder registry), `hf_registry` (the Hub), `verify` (checks that
-need the model), `api` (the operations). Importing this package does not import torch.
+packaging), `registry` (interface + local folder registry), `hf_registry` (the Hub), `yanks` (retracted versions), `verify` (checks
+that need the model), `api` (the operations). Importing this package does not import torch.
 """
 
 from __future__ import annotations
 
-from lightning_peft.hub.api import PublishResult, PullResult, inspect, list_versions, publish, pull, split_spec
+from lightning_peft.hub.api import (
+    PublishResult,
+    PullResult,
+    inspect,
+    list_versions,
+    publish,
+    pull,
+    split_spec,
+    unyank,
+    yank,
+)
 from lightning_peft.hub.fingerprint import fingerprint, locate_base
 from lightning_peft.hub.manifest import Manifest
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter
@@ -40,4 +50,6 @@ __all__ = [
     "publish",
     "pull",
     "split_spec",
+    "unyank",
+    "yank",
 ]
