@@ -39,7 +39,7 @@ def list_command(ctx: click.Context, registry: str | None, as_json: bool) -> Non
     help="Only adapters for this base (Hub id, alias or folder; fingerprints are compared when it is on this machine).",
 )
 @click.option("--method", metavar="lora|ia3|...", help="Only adapters of this PEFT method.")
-@click.option("--license", "license_id", metavar="ID", help="Only adapters under this license id.")
+@click.option("--license", metavar="ID", help="Only adapters under this license id.")
 @click.option("--tag", metavar="T", help="Only adapters whose card has this tag.")
 @click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (one object per repo) instead of a table.")
@@ -50,15 +50,8 @@ def search(ctx: click.Context, text: str | None, **options: Any) -> None:
     def action() -> None:
         from lightning_peft.hub import search as search_adapters
 
-        found = search_adapters(
-            text,
-            base=options["base"],
-            method=options["method"],
-            license=options["license_id"],
-            tag=options["tag"],
-            registry=options["registry"],
-        )
-        _show(found, as_json=options["as_json"], base=options["base"])
+        filters = {key: value for key, value in options.items() if key != "as_json"}
+        _show(search_adapters(text, **filters), as_json=options["as_json"], base=options["base"])
 
     run_showing_warnings(ctx, action)
 
