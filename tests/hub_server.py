@@ -71,6 +71,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.datasets: dict[str, Repo] = {}  # dataset repos, a namespace of their own as on the Hub
         self.requests: list[tuple[str, str]] = []
+        self.model_filters: list[list[str]] = []  # the `filter` tags of each list_models request
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -209,6 +210,7 @@ class FakeHub:
 
     def models(self, filters: list[str], search: str, authorized: bool) -> list[dict[str, Any]]:
         """`list_models`: public repos (and private ones for the token) carrying every tag in `filters`."""
+        self.model_filters.append(filters)
         found = []
         for repo_id, repo in sorted(self.repos.items()):
             tags = _card_tags(repo.commit(repo.branches["main"]).files.get("README.md", b""))

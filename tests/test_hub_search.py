@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from hub_server import lpeft, make_adapter
+from hub_server import Commit, lpeft, make_adapter
 from tiny import save_tiny_model
 
 from lightning_peft.hub import list_adapters, search, yank
@@ -104,9 +104,15 @@ def test_search_by_a_local_base_marks_other_weights_of_the_same_id(registry, tin
     assert [s.repo_id for s in search(base=str(tiny_model_dir), registry=registry)] == ["acme/capitals", "acme/ia3"]
 
 
-def test_hub_search_asks_list_models_for_the_base(hub, registry):
-    if registry != hub.url:
-        pytest.skip("Hub only")
-    hub.requests.clear()
-    search(base="other-labs/tiny", registry=registry)
-    assert [r for r in hub.requests if r[1] == "/api/models"] == [("GET", "/api/models")]
+def test_hub_search_asks_list_models_for_the_base_and_skips_repos_without_a_manifest(hub, adapters):
+    assert lpeft("publish", adapters["ia3"], "acme/ia3", "--registry", hub.url, "--base-model-id", "other-labs/tiny",
+                 "--no-verify").exit_code == 0  # fmt: skip
+    # A tagged repo whose card carries the tags but which has no manifest: not a package, so not listed.
+    hub.create_repo({"name": "someone/plain-peft"})
+    card = b"---\nlibrary_name: peft\ntags: [lightning-peft]\nbase_model: other-labs/tiny\nbase_model_relation: adapter\n---\n"
+    plain = hub.repos["someone/plain-peft"]
+    plain.commits.append(Commit("f" * 40, "card", "", {"README.md": card, "adapter_config.json": b"{}"}))
+    plain.branches["main"] = plain.tags["v1.0.0"] = "f" * 40
+    assert [s.repo_id for s in search(base="other-labs/tiny", registry=hub.url)] == ["acme/ia3"]
+    assert hub.model_filters == [["peft", "lightning-peft", "base_model:adapter:other-labs/tiny"]]
+    assert [s.repo_id for s in list_adapters(registry=hub.url)] == ["acme/ia3"]
