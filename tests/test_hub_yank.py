@@ -121,3 +121,12 @@ def test_hub_yank_is_one_commit_and_the_tag_stays(hub, adapter):
     )
     assert "yanked.json" in hub.user_commits(REPO)[-1].files
     assert [i.yanked for i in list_versions(REPO, registry=registry)] == ["superseded", None]
+
+
+def test_a_damaged_yank_record_is_named(adapter, tmp_path):
+    registry = tmp_path / "registry"
+    assert lpeft("publish", adapter, REPO, "--registry", registry, "--no-verify", *BASE_ID).exit_code == 0
+    (registry / REPO / "yanked.json").write_text('{"versions": []}')
+    result = lpeft("versions", REPO, "--registry", registry)
+    assert result.exit_code == 3
+    assert error_line(result).startswith(f"lpeft: error: {registry / REPO}: yanked.json is damaged")

@@ -175,7 +175,7 @@ class LocalRegistry(Registry):
 
     def read_yanks(self, repo_id: str) -> dict[str, yanks_lib.Yank]:
         path = self.root / repo_id / yanks_lib.YANKED_FILE
-        return yanks_lib.parse(path.read_bytes() if path.is_file() else None, where=str(path))
+        return yanks_lib.parse(path.read_bytes() if path.is_file() else None, where=str(path.parent))
 
     def update_yanks(self, repo_id: str, change: YankChange, *, message: str) -> None:
         """Rewrite `<root>/<org>/<name>/yanked.json` atomically, under the registry lock (version folders stay)."""
