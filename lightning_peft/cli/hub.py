@@ -88,7 +88,8 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
 def pull(ctx: click.Context, reference: str, **options: Any) -> None:
     """Download a version of an adapter, checking every checksum before anything lands in --to.
 
-    SPEC is a version (1.2.3), a range (^1.2, ~1.2, >=1,<2) or `latest` (the default).
+    SPEC is a version (1.2.3), a range (^1.2, ~1.2, >=1,<2) or `latest` (the default). Ranges and `latest` skip
+    yanked versions; an exact version pulls even when yanked (with a warning).
     """
 
     def action() -> None:
@@ -97,6 +98,7 @@ def pull(ctx: click.Context, reference: str, **options: Any) -> None:
         settings = {k: v for k, v in options.items() if k not in ("to", "allow_base_mismatch")}
         result = pull_adapter(reference, options["to"], force=options["allow_base_mismatch"], **settings)
         checked = "; base fingerprint matches" if result.base_matches else ""
+        checked += f"; yanked: {result.yanked}" if result.yanked else ""
         click.echo(f"Pulled {result.repo_id} {result.version} into {result.path} (checksums verified{checked})")
 
     run_showing_warnings(ctx, action)
