@@ -130,3 +130,34 @@ def test_a_damaged_yank_record_is_named(adapter, tmp_path):
     result = lpeft("versions", REPO, "--registry", registry)
     assert result.exit_code == 3
     assert error_line(result).startswith(f"lpeft: error: {registry / REPO}: yanked.json is damaged")
+
+
+def test_a_registry_written_before_yanks_still_pulls_and_says_it_cannot_yank(adapter, tmp_path):
+    from lightning_peft.hub import LocalRegistry, Registry, list_adapters
+
+    class OldStyle(Registry):  # implements only the methods a registry had before list and yank
+        def __init__(self, inner):
+            self.inner = inner
+
+        def describe(self):
+            return "old-style registry"
+
+        def list_versions(self, repo_id):
+            return self.inner.list_versions(repo_id)
+
+        def publish(self, repo_id, version, package_dir, *, message, private):
+            return self.inner.publish(repo_id, version, package_dir, message=message, private=private)
+
+        def read_manifest(self, repo_id, version):
+            return self.inner.read_manifest(repo_id, version)
+
+        def download(self, repo_id, version, paths, dest):
+            self.inner.download(repo_id, version, paths, dest)
+
+    registry = OldStyle(LocalRegistry(tmp_path / "registry"))
+    assert lpeft("publish", adapter, REPO, "--registry", tmp_path / "registry", "--no-verify", *BASE_ID).exit_code == 0
+    assert pull(REPO, tmp_path / "p", registry=registry).version == "1.0.0"
+    with pytest.raises(ConfigError, match="^old-style registry cannot record yanks; use a local folder or `hf`"):
+        yank(f"{REPO}@1.0.0", "bad", registry=registry)
+    with pytest.raises(ConfigError, match="^old-style registry cannot list its repos"):
+        list_adapters(registry=registry)

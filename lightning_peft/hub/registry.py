@@ -83,17 +83,19 @@ class Registry(ABC):
     def download(self, repo_id: str, version: Version, paths: list[str], dest: Path) -> None:
         """Write the files `paths` (checked relative paths) of a published version into `dest`."""
 
-    @abstractmethod
+    # Listing and yanking came later than the methods above: a registry written before them still works
+    # (nothing yanked), and says plainly that it cannot list or yank.
     def list_repos(self, base_model_id: str | None = None) -> list[str]:
         """The repo ids this registry holds, sorted (narrowed to adapters of `base_model_id` where it can)."""
+        raise ConfigError(f"{self.describe()} cannot list its repos; use a local folder or `hf` as `--registry`.")
 
-    @abstractmethod
     def read_yanks(self, repo_id: str) -> dict[str, yanks_lib.Yank]:
         """The yanked versions of `repo_id` (version string → why), empty when none is."""
+        return {}
 
-    @abstractmethod
     def update_yanks(self, repo_id: str, change: YankChange, *, message: str) -> None:
         """Apply `change` to the yanks of `repo_id` and record the result in one step (a commit on the Hub)."""
+        raise ConfigError(f"{self.describe()} cannot record yanks; use a local folder or `hf` as `--registry`.")
 
     @contextlib.contextmanager
     def staging_area(self) -> Iterator[Path]:
