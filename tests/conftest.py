@@ -52,3 +52,21 @@ def adapter(tiny_model_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     write_run_files(run)
     return make_adapter(run / "adapter", tiny_model_dir)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A running fake Hub, with HF_ENDPOINT and HF_TOKEN pointing at it and every Hub file under tmp_path."""
+    import huggingface_hub
+    from hub_server import FakeHub
+
+    server = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", server.token)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # huggingface_hub reads these once, at import: the test suite runs with HF_HUB_OFFLINE=1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    yield server
+    server.stop()

@@ -8,6 +8,8 @@ Endpoints (as huggingface_hub 1.x/2.x calls them, see `hf_api.py`, `_commit_api.
     POST /api/models/{repo}/preupload/{rev}             answers "regular" for every file: contents come inline
     POST /api/models/{repo}/commit/{rev}                NDJSON: header, then file (base64) / deletedFile lines
     POST /api/models/{repo}/tag/{rev}                   create_tag (409 when it exists)
+    GET  /api/models?filter=T&filter=U&search=S         list_models: the repos whose tags hold every filter (tags come
+                                                        from README.md's metadata at main, as the Hub derives them)
     GET  /api/models/{repo}/refs                        list_repo_refs
     GET  /api/models/{repo}/tree/{rev}[/{path}]         list_repo_tree / list_repo_files
     GET  /api/models/{repo}/revision/{rev}              model_info / repo_info
@@ -69,6 +71,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.datasets: dict[str, Repo] = {}  # dataset repos, a namespace of their own as on the Hub
         self.requests: list[tuple[str, str]] = []
+        self.model_filters: list[list[str]] = []  # the `filter` tags of each list_models request
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -205,6 +208,16 @@ class FakeHub:
                 entries[path] = {"type": "file", "oid": _blob_oid(data), "size": len(data), "path": path}
         return list(entries.values())
 
+    def models(self, filters: list[str], search: str, authorized: bool) -> list[dict[str, Any]]:
+        """`list_models`: public repos (and private ones for the token) carrying every tag in `filters`."""
+        self.model_filters.append(filters)
+        found = []
+        for repo_id, repo in sorted(self.repos.items()):
+            tags = _card_tags(repo.commit(repo.branches["main"]).files.get("README.md", b""))
+            if (authorized or not repo.private) and set(filters) <= set(tags) and search.lower() in repo_id.lower():
+                found.append({"id": repo_id, "modelId": repo_id, "tags": tags, "private": repo.private})
+        return found
+
     def resolve(self, repo: Repo, revision: str) -> Commit:
         oid = repo.branches.get(revision) or repo.tags.get(revision) or revision
         try:
@@ -250,6 +263,9 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, hub.create_repo(json.loads(body)), {}
         if method == "POST" and parts == ["api", "validate-yaml"]:
             return _validate_yaml(json.loads(body)["content"])
+        if method == "GET" and parts == ["api", "models"]:
+            search = self.query.get("search", [""])[0]
+            return 200, hub.models(self.query.get("filter", []), search, self._authorized()), {}
         if len(parts) >= 5 and parts[:2] == ["api", "models"]:
             return self._api_repo(method, f"{parts[2]}/{parts[3]}", parts[4], parts[5:], body)
         if len(parts) >= 5 and parts[:2] == ["api", "datasets"] and method == "GET":
@@ -349,6 +365,20 @@ def _validate_yaml(content: str) -> tuple[int, Any, dict[str, str]]:
     if base is not None and (not isinstance(base, str) or base.startswith(("/", ".", "~")) or base.count("/") != 1):
         return 400, {"errors": [{"message": f'"base_model" must be a Hub model id, got {base!r}'}]}, {}
     return 200, {"warnings": []}, {}
+
+
+def _card_tags(readme: bytes) -> list[str]:
+    """The tags the Hub derives from a card: its `tags`, `library_name`, and `base_model:adapter:<id>`."""
+    import yaml
+
+    text = readme.decode("utf-8", "replace")
+    metadata = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
+    if not isinstance(metadata, dict):
+        return []
+    tags = [*(metadata.get("tags") or []), *([metadata["library_name"]] if metadata.get("library_name") else [])]
+    if metadata.get("base_model") and metadata.get("base_model_relation") == "adapter":
+        tags.append(f"base_model:adapter:{metadata['base_model']}")
+    return list(dict.fromkeys(tags))
 
 
 def _blob_oid(data: bytes) -> str:

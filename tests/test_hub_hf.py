@@ -7,26 +7,11 @@ import socket
 
 import huggingface_hub
 import pytest
-from hub_server import FakeHub, error_line, lpeft, make_adapter
+from hub_server import error_line, lpeft, make_adapter
 
 from lightning_peft.hub.manifest import MANIFEST_FILE
 
 REPO = "acme/capitals"
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A running fake Hub, with HF_ENDPOINT and HF_TOKEN pointing at it and every Hub file under tmp_path."""
-    server = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_TOKEN", server.token)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    # huggingface_hub reads these once, at import: the test suite runs with HF_HUB_OFFLINE=1.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    yield server
-    server.stop()
 
 
 def files_under(folder):

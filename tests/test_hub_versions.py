@@ -123,3 +123,25 @@ def test_published_versions_are_immutable():
 def test_parent_is_the_highest_older_version():
     assert parent_of(parse_version("1.5.0"), PUBLISHED) == parse_version("1.3.0-rc.1")
     assert parent_of(parse_version("0.1.0"), PUBLISHED) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("latest", "2.0.0"),  # 2.1.0 is yanked
+        ("^2", "2.0.0"),
+        ("~1.2", "1.2.0"),  # 1.2.5 is yanked
+        (">=1,<3", "2.0.0"),
+        ("2", "2.0.0"),  # a prefix is a range
+        ("2.1.0", "2.1.0"),  # an exact version resolves, yanked or not (PEP 592)
+        ("=1.2.5", "1.2.5"),
+    ],
+)
+def test_ranges_skip_yanked_versions(spec, expected):
+    yanked = {parse_version("2.1.0"), parse_version("1.2.5")}
+    assert str(resolve(spec, PUBLISHED, yanked=yanked)) == expected
+
+
+def test_a_range_with_only_yanked_versions_names_them():
+    with pytest.raises(ConfigError, match=r"satisfies '\^2'; published: .*2\.0\.0 \(yanked\), 2\.1\.0 \(yanked\)\."):
+        resolve("^2", PUBLISHED, yanked={parse_version("2.0.0"), parse_version("2.1.0")})

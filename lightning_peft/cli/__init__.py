@@ -14,6 +14,7 @@ import click
 from lightning_peft import __version__
 from lightning_peft.cli.convert import register as _register_convert_command
 from lightning_peft.cli.eval import register as _register_eval_command
+from lightning_peft.cli.find import register as _register_find_commands
 from lightning_peft.cli.generate import register as _register_generate_command
 from lightning_peft.cli.guard import run_guarded
 from lightning_peft.cli.hub import register as _register_hub_commands
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 for _register in (
     _register_hub_commands,
+    _register_find_commands,
     _register_merge_command,
     _register_generate_command,
     _register_convert_command,

@@ -1,4 +1,4 @@
-"""`lpeft publish | pull | versions | inspect`: the adapter marketplace on the command line.
+"""`lpeft publish | pull | versions | inspect | yank | unyank`: the adapter marketplace on the command line.
 
 Only click is imported here; the commands import `lightning_peft.hub` when they run, and torch only for the
 logits check of `publish` (skip it with `--no-verify`).
@@ -88,7 +88,8 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
 def pull(ctx: click.Context, reference: str, **options: Any) -> None:
     """Download a version of an adapter, checking every checksum before anything lands in --to.
 
-    SPEC is a version (1.2.3), a range (^1.2, ~1.2, >=1,<2) or `latest` (the default).
+    SPEC is a version (1.2.3), a range (^1.2, ~1.2, >=1,<2) or `latest` (the default). Ranges and `latest` skip
+    yanked versions; an exact version pulls even when yanked (with a warning).
     """
 
     def action() -> None:
@@ -97,6 +98,7 @@ def pull(ctx: click.Context, reference: str, **options: Any) -> None:
         settings = {k: v for k, v in options.items() if k not in ("to", "allow_base_mismatch")}
         result = pull_adapter(reference, options["to"], force=options["allow_base_mismatch"], **settings)
         checked = "; base fingerprint matches" if result.base_matches else ""
+        checked += f"; yanked: {result.yanked}" if result.yanked else ""
         click.echo(f"Pulled {result.repo_id} {result.version} into {result.path} (checksums verified{checked})")
 
     run_showing_warnings(ctx, action)
@@ -117,9 +119,9 @@ def versions(ctx: click.Context, repo_id: str, registry: str | None) -> None:
         if not found:
             click.echo(f"{repo_id}: no published version")
             return
-        newest = latest(info.version for info in found)
+        newest = latest(info.version for info in found if not info.yanked)
         for info in reversed(found):
-            mark = "  (latest)" if info.version == newest else ""
+            mark = "  (latest)" if info.version == newest else f"  (yanked: {info.yanked})" if info.yanked else ""
             details = "  ".join(str(x) for x in (info.created_at, info.message) if x)
             click.echo(f"{info.version}{mark}  {details}".rstrip())
 
@@ -210,7 +212,40 @@ def _report_lines(report: Any) -> list[str]:
     return lines
 
 
-COMMANDS = (publish, pull, versions, inspect)
+@click.command()
+@click.argument("reference", metavar="REPO_ID@VERSION")
+@click.option("--reason", metavar="TEXT", help="Why it is retracted; shown to everyone who lists or pulls it.")
+@click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
+@click.pass_context
+def yank(ctx: click.Context, reference: str, reason: str | None, registry: str | None) -> None:
+    """Retract a published version: no range or `latest` resolves to it, its exact version still pulls."""
+
+    def action() -> None:
+        from lightning_peft.hub import yank as yank_version
+
+        info = yank_version(reference, reason or "", registry=registry)
+        click.echo(f"Yanked {reference.partition('@')[0]} {info.version}: {info.yanked}")
+
+    run_showing_warnings(ctx, action)
+
+
+@click.command()
+@click.argument("reference", metavar="REPO_ID@VERSION")
+@click.option("--registry", metavar="hf|URL|PATH", help=REGISTRY_HELP)
+@click.pass_context
+def unyank(ctx: click.Context, reference: str, registry: str | None) -> None:
+    """Undo `lpeft yank`: ranges resolve to the version again."""
+
+    def action() -> None:
+        from lightning_peft.hub import unyank as unyank_version
+
+        info = unyank_version(reference, registry=registry)
+        click.echo(f"Unyanked {reference.partition('@')[0]} {info.version}")
+
+    run_showing_warnings(ctx, action)
+
+
+COMMANDS = (publish, pull, versions, inspect, yank, unyank)
 
 
 def register(group: click.Group) -> None:

@@ -1,8 +1,9 @@
-"""The four marketplace operations behind `lpeft publish | pull | versions | inspect`.
+"""The marketplace operations behind `lpeft publish | pull | versions | inspect | yank | unyank`.
 
 publish: choose the version → package offline into the registry's staging area → verify (reload onto the
 base, compare logits; lint for serving) → one atomic registry step. pull: resolve the spec → read and check the
 manifest → download into a staging folder → verify every checksum (and the base, if given) → rename into place.
+yank / unyank: record (or drop) a version's retraction beside it; the version itself never changes.
 Nothing here imports torch except the logits check, which needs the model.
 """
 
@@ -12,18 +13,20 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lightning_peft.atomic import check_target, staged_folder
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub import manifest as manifest_lib
+from lightning_peft.hub import yanks as yanks_lib
 from lightning_peft.hub.lint import lint_adapter_config
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter, read_source
 from lightning_peft.hub.registries import get_registry
 from lightning_peft.hub.registry import Registry, VersionInfo, check_repo_id
 from lightning_peft.hub.verify import check_base, compare_logits
-from lightning_peft.hub.versions import check_spec, next_version, parent_of, resolve
+from lightning_peft.hub.versions import check_spec, next_version, parent_of, parse_version, resolve
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,7 @@ class PullResult:
     path: Path
     manifest: manifest_lib.Manifest
     base_matches: bool | None
+    yanked: str | None = None  # why the version was yanked, when it was pulled by its exact version anyway
 
 
 def split_spec(reference: str) -> tuple[str, str]:
@@ -155,11 +159,14 @@ def pull(
     spec = check_spec(spec)
     target = Path(to)
     check_target(target, overwrite=overwrite)
-    versions = [info.version for info in registry.list_versions(repo_id)]
-    if not versions:
+    infos = registry.list_versions(repo_id)
+    if not infos:
         raise ConfigError(f"{repo_id} has no published version in {registry.describe()}.")
-    version = resolve(spec, versions)
+    version = resolve(spec, [i.version for i in infos], yanked={i.version for i in infos if i.yanked})
     where = f"{repo_id} {version}"
+    yanked = next(i.yanked for i in infos if i.version == version)
+    if yanked:
+        warnings.warn(f"{where} is yanked ({yanked}); pulled because it was asked for exactly.", stacklevel=2)
     raw = registry.read_manifest(repo_id, version)
     manifest = manifest_lib.parse(raw, where=where)
     if manifest.name != repo_id or manifest.version != str(version):
@@ -172,13 +179,55 @@ def pull(
         if base is not None:
             base_matches = check_base(staging, base, force=force)
     log.debug("Pulled %s %s into %s (every checksum verified)", repo_id, version, target)
-    return PullResult(repo_id, str(version), target, manifest, base_matches)
+    return PullResult(repo_id, str(version), target, manifest, base_matches, yanked)
 
 
 def list_versions(repo_id: str, *, registry: Registry | str | None = None) -> list[VersionInfo]:
     """The published versions of `repo_id`, oldest first."""
     registry = registry if isinstance(registry, Registry) else get_registry(registry)
     return registry.list_versions(check_repo_id(repo_id))
+
+
+def yank(reference: str, reason: str, *, registry: Registry | str | None = None) -> VersionInfo:
+    """Retract `REPO_ID@VERSION`: ranges and `latest` skip it from now on; its exact version still pulls.
+
+    Yanking a yanked version again replaces the reason.
+
+    Raises:
+        ConfigError: no reason, a reference that is not one exact version, or a version that is not published.
+    """
+    registry, repo_id, version = _published_version(reference, registry, "yank")
+    reason = yanks_lib.check_reason(reason, f"{repo_id} {version}")
+    change = partial(yanks_lib.changed, version=str(version), reason=reason, where=f"{repo_id} {version}")
+    registry.update_yanks(repo_id, change, message=f"Yank {repo_id.split('/')[-1]} {version}: {reason}")
+    return next(i for i in registry.list_versions(repo_id) if i.version == version)
+
+
+def unyank(reference: str, *, registry: Registry | str | None = None) -> VersionInfo:
+    """Undo `yank`: ranges resolve to `REPO_ID@VERSION` again.
+
+    Raises:
+        ConfigError: a reference that is not one exact version, a version not published, or not yanked.
+    """
+    registry, repo_id, version = _published_version(reference, registry, "unyank")
+    change = partial(yanks_lib.changed, version=str(version), reason=None, where=f"{repo_id} {version}")
+    registry.update_yanks(repo_id, change, message=f"Unyank {repo_id.split('/')[-1]} {version}")
+    return next(i for i in registry.list_versions(repo_id) if i.version == version)
+
+
+def _published_version(reference: str, registry: Registry | str | None, verb: str) -> tuple[Registry, str, Any]:
+    """The registry, repo id and version of `REPO_ID@VERSION`, checked to be published."""
+    registry = registry if isinstance(registry, Registry) else get_registry(registry)
+    repo_id, spec = split_spec(reference)
+    check_repo_id(repo_id)
+    if "@" not in reference:
+        raise ConfigError(f"`lpeft {verb}` needs one exact version: {repo_id}@X.Y.Z, not {reference!r}.")
+    version = parse_version(spec, field="REPO_ID@VERSION")
+    published = [info.version for info in registry.list_versions(repo_id)]
+    if version not in published:
+        shown = ", ".join(str(v) for v in published) or "none"
+        raise ConfigError(f"{repo_id} {version} is not published in {registry.describe()} (published: {shown}).")
+    return registry, repo_id, version
 
 
 @dataclass

@@ -70,11 +70,16 @@ def _card_data(manifest: Manifest) -> Any:
         pipeline_tag="text-generation",
         license=manifest.license,
         datasets=list(manifest.datasets.hub) or None,
-        tags=["lightning-peft", "peft", manifest.adapter.method.lower(), "adapter"],
+        tags=list(package_tags(manifest)),
         model_name=manifest.name.split("/")[-1] if results else None,
         eval_results=results or None,
         **extra,
     )
+
+
+def package_tags(manifest: Manifest) -> tuple[str, ...]:
+    """The card's tags (what the Hub lists and `lpeft search --tag` matches)."""
+    return ("lightning-peft", "peft", manifest.adapter.method.lower(), "adapter")
 
 
 def _eval_results(manifest: Manifest) -> list[Any]:

@@ -2,7 +2,9 @@
 
 Each version is one commit on `main` that holds every file of the package (files of the previous version that
 the new one lacks are deleted in that same commit), tagged `vX.Y.Z`; versions are listed from the tags and
-downloaded at their tag. The endpoint is `HF_ENDPOINT` (or the URL given as `--registry`); the token comes
+downloaded at their tag. Yanks are one commit of `yanked.json` on `main` (the tags stay where they are), and
+publishes keep that file. Listing and search ask `HfApi.list_models` for repos tagged `peft` and
+`lightning-peft` (and `base_model:adapter:<id>`), the tags every published card carries. The endpoint is `HF_ENDPOINT` (or the URL given as `--registry`); the token comes
 from the usual places (`HF_TOKEN`, `hf auth login`) through `huggingface_hub.get_token()`. It is only ever
 sent in request headers: nothing here writes it anywhere.
 """
@@ -14,20 +16,24 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.hub import yanks as yanks_lib
 from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path
-from lightning_peft.hub.registry import Registry, VersionInfo
+from lightning_peft.hub.registry import Registry, VersionInfo, YankChange
 from lightning_peft.hub.versions import tag_for, version_of_tag
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
     from semver import Version
 
-# Files the Hub keeps in every repo that are not part of a package.
-_HUB_FILES = {".gitattributes"}
+# Files the Hub keeps in every repo that are not part of a package (a publish does not delete them).
+_HUB_FILES = {".gitattributes", yanks_lib.YANKED_FILE}
+# The tags that make a model repo a candidate for `list_repos`: what every published card carries.
+_PACKAGE_TAGS = ("peft", "lightning-peft")
 
 
 class HfRegistry(Registry):
@@ -73,7 +79,37 @@ class HfRegistry(Registry):
             version = version_of_tag(tag.name)
             if version is not None:
                 found.append(VersionInfo(version, location=tag.target_commit))
+        yanked = self.read_yanks(repo_id) if found else {}
+        found = [replace(info, yanked=yanks_lib.reason(yanked, info.version)) for info in found]
         return sorted(found, key=lambda info: info.version)
+
+    def list_repos(self, base_model_id: str | None = None) -> list[str]:
+        tags = [*_PACKAGE_TAGS, *([f"base_model:adapter:{base_model_id}"] if base_model_id else [])]
+        with self._errors("the model list"):
+            return sorted(model.id for model in self._api(need_token=False).list_models(filter=tags))
+
+    def read_yanks(self, repo_id: str, revision: str = "main") -> dict[str, yanks_lib.Yank]:
+        from huggingface_hub.errors import EntryNotFoundError
+
+        api = self._api(need_token=False)
+        with tempfile.TemporaryDirectory(prefix="lpeft-yanked-") as folder, self._errors(repo_id):
+            try:
+                path = api.hf_hub_download(repo_id, yanks_lib.YANKED_FILE, revision=revision, local_dir=folder)
+            except EntryNotFoundError:
+                return {}
+            raw = Path(path).read_bytes()
+        return yanks_lib.parse(raw, where=f"{repo_id} on {self.describe()}")
+
+    def update_yanks(self, repo_id: str, change: YankChange, *, message: str) -> None:
+        """One commit of `yanked.json` on `main`, based on the commit it was read from (`parent_commit`)."""
+        from huggingface_hub import CommitOperationAdd
+
+        api = self._api(need_token=True)
+        with self._errors(repo_id):
+            head = api.repo_info(repo_id, revision="main").sha
+            updated = change(self.read_yanks(repo_id, revision=head or "main"))
+            operation = CommitOperationAdd(yanks_lib.YANKED_FILE, yanks_lib.dump(updated))
+            api.create_commit(repo_id, [operation], commit_message=message, parent_commit=head)
 
     def publish(self, repo_id: str, version: Version, package_dir: Path, *, message: str, private: bool) -> str:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete

@@ -21,13 +21,14 @@ import shutil
 import stat
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_peft.atomic import fsync_dir, fsync_tree, write_bytes
 from lightning_peft.errors import ConfigError, DataError
+from lightning_peft.hub import yanks as yanks_lib
 from lightning_peft.hub.manifest import MANIFEST_FILE, check_relative_path, dumps, read
 
 if TYPE_CHECKING:
@@ -35,16 +36,19 @@ if TYPE_CHECKING:
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "lightning-peft/registry-index"
+#: What `update_yanks` applies: the repo's yanks (version → Yank) in, the new yanks out.
+YankChange = Callable[[dict[str, yanks_lib.Yank]], dict[str, yanks_lib.Yank]]
 
 
 @dataclass(frozen=True)
 class VersionInfo:
-    """A published version: when, why, and where (a folder or a Hub commit)."""
+    """A published version: when, why, where (a folder or a Hub commit), and why it was yanked (if it was)."""
 
     version: Version
     created_at: str | None = None
     message: str | None = None
     location: str | None = None
+    yanked: str | None = None  # the reason; a yanked version resolves only when asked for exactly
 
 
 class Registry(ABC):
@@ -78,6 +82,20 @@ class Registry(ABC):
     @abstractmethod
     def download(self, repo_id: str, version: Version, paths: list[str], dest: Path) -> None:
         """Write the files `paths` (checked relative paths) of a published version into `dest`."""
+
+    # Listing and yanking came later than the methods above: a registry written before them still works
+    # (nothing yanked), and says plainly that it cannot list or yank.
+    def list_repos(self, base_model_id: str | None = None) -> list[str]:
+        """The repo ids this registry holds, sorted (narrowed to adapters of `base_model_id` where it can)."""
+        raise ConfigError(f"{self.describe()} cannot list its repos; use a local folder or `hf` as `--registry`.")
+
+    def read_yanks(self, repo_id: str) -> dict[str, yanks_lib.Yank]:
+        """The yanked versions of `repo_id` (version string → why), empty when none is."""
+        return {}
+
+    def update_yanks(self, repo_id: str, change: YankChange, *, message: str) -> None:
+        """Apply `change` to the yanks of `repo_id` and record the result in one step (a commit on the Hub)."""
+        raise ConfigError(f"{self.describe()} cannot record yanks; use a local folder or `hf` as `--registry`.")
 
     @contextlib.contextmanager
     def staging_area(self) -> Iterator[Path]:
@@ -139,11 +157,35 @@ class LocalRegistry(Registry):
 
     def list_versions(self, repo_id: str) -> list[VersionInfo]:
         catalog = self._read_index().get(repo_id, {})
+        yanked = self.read_yanks(repo_id)
         found = []
         for version, folder in self._scan(repo_id):
             entry = catalog.get(str(version)) or self._entry_from_manifest(folder)
-            found.append(VersionInfo(version, entry.get("created_at"), entry.get("message"), str(folder)))
+            reason = yanks_lib.reason(yanked, version)
+            found.append(VersionInfo(version, entry.get("created_at"), entry.get("message"), str(folder), reason))
         return sorted(found, key=lambda info: info.version)
+
+    def list_repos(self, base_model_id: str | None = None) -> list[str]:
+        """Every `org/name` folder holding a published version (the folders are the truth, not the index)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for org in self.root.iterdir():
+            if org.is_dir() and not org.name.startswith("."):
+                found += [f"{org.name}/{name.name}" for name in org.iterdir() if name.is_dir()]
+        return sorted(repo for repo in found if self._scan(repo))
+
+    def read_yanks(self, repo_id: str) -> dict[str, yanks_lib.Yank]:
+        path = self.root / repo_id / yanks_lib.YANKED_FILE
+        return yanks_lib.parse(path.read_bytes() if path.is_file() else None, where=str(path.parent))
+
+    def update_yanks(self, repo_id: str, change: YankChange, *, message: str) -> None:
+        """Rewrite `<root>/<org>/<name>/yanked.json` atomically, under the registry lock (version folders stay)."""
+        from filelock import FileLock
+
+        with FileLock(str(self.root / ".lock"), timeout=120):
+            updated = change(self.read_yanks(repo_id))
+            write_bytes(self.root / repo_id / yanks_lib.YANKED_FILE, yanks_lib.dump(updated))
 
     def _scan(self, repo_id: str) -> list[tuple[Version, Path]]:
         from lightning_peft.hub.versions import parse_version

@@ -13,13 +13,15 @@ ranges (`^1.2`, `~1.2`), so this module turns a range into comparators, each che
     >=1,<2           comparators (>, >=, <, <=, =) joined by commas or spaces, all must hold
     latest           the highest version that is not a prerelease (the highest prerelease if there are only those)
 
-As with npm, a range matches prereleases only when one of its comparators names a prerelease itself.
+As with npm, a range matches prereleases only when one of its comparators names a prerelease itself. As with
+PEP 592, a yanked version is skipped by every range and `latest`; only an exact version (`1.2.3`, `=1.2.3`)
+resolves to it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 from lightning_peft.errors import ConfigError
@@ -124,8 +126,10 @@ def parent_of(version: Version, published: Iterable[Version]) -> Version | None:
     return max(older) if older else None
 
 
-def resolve(spec: str, published: Iterable[Version]) -> Version:
+def resolve(spec: str, published: Iterable[Version], yanked: Collection[Version] = ()) -> Version:
     """The highest published version that satisfies `spec` (see the module docstring for the syntax).
+
+    Versions in `yanked` are candidates only for an exact spec (PEP 592).
 
     Raises:
         ConfigError: an invalid spec, or no published version satisfies it.
@@ -135,16 +139,17 @@ def resolve(spec: str, published: Iterable[Version]) -> Version:
     if not published:
         raise ConfigError("No version is published yet; publish one with `lpeft publish` first.")
     if spec == "latest":
-        found = latest(published)
+        found = latest(v for v in published if v not in yanked)
     else:
         comparators = parse_range(spec)
         allow_pre = any(v.prerelease for _, v in comparators)
-        matching = [v for v in published if (allow_pre or not v.prerelease) and _satisfies(v, comparators)]
+        exact = len(comparators) == 1 and comparators[0][0] == "="
+        candidates = [v for v in published if exact or v not in yanked]
+        matching = [v for v in candidates if (allow_pre or not v.prerelease) and _satisfies(v, comparators)]
         found = matching[-1] if matching else None
     if found is None:
-        raise ConfigError(
-            f"No published version satisfies {spec!r}; published: {', '.join(str(v) for v in published)}."
-        )
+        shown = ", ".join(f"{v} (yanked)" if v in yanked else str(v) for v in published)
+        raise ConfigError(f"No published version satisfies {spec!r}; published: {shown}.")
     return found
 
 
