@@ -17,6 +17,7 @@ SUMMARY_FILE = "run_summary.json"  # RunSummary: steps, tokens, duration, hardwa
 CSV_METRICS_FILE = "metrics.csv"  # Lightning's CSVLogger (runs made before MetricHistory have only this one)
 HPARAMS_FILE = "hparams.yaml"  # the module's and data module's hyperparameters (CSV/TensorBoard loggers)
 CONFIG_FILE = "config.yaml"  # LightningCLI's full run configuration
+LM_EVAL_FILE = "lm_eval.json"  # LmEvalCallback: harness scores of the base before and the adapter after training
 RUN_YAML_FILES = (HPARAMS_FILE, CONFIG_FILE)  # in the order they are read: hparams.yaml wins
 
 

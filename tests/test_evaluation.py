@@ -436,6 +436,10 @@ def test_callback_logs_the_base_before_and_the_adapter_after_into_the_metric_his
         picks = [max(range(len(lp)), key=lp.__getitem__) for lp in by_hand(tiny_model_dir, adapter)]
         assert accuracy == pytest.approx(sum(p == q[2] for p, q in zip(picks, QUESTIONS, strict=True)) / 6)
     assert flat(by_hand(tiny_model_dir, None)) != pytest.approx(flat(by_hand(tiny_model_dir, folder / "adapter")))
+    # The pair, with the task's data set, for `lpeft publish`.
+    [record] = json.loads((folder / "lm_eval.json").read_text())["tasks"]
+    assert (record["task"], record["metric"], record["dataset"]) == ("tiny_mc", "acc", "json")
+    assert (record["base"], record["adapter"]) == (logged[0][1], logged[1][1])
 
 
 def test_callback_checks_its_tasks_when_built(tmp_path):

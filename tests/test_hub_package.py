@@ -327,3 +327,44 @@ def test_run_summary_and_missing_matplotlib(run_adapter, tmp_path, monkeypatch):
     assert "| Tokens | 40960 |" in text and "| Duration | 62 s |" in text and "| Hardware | 2 CPU cores |" in text
     assert "The loss curve was not drawn (matplotlib was not installed" in text
     assert not (result.path / "loss_curve.png").exists()
+
+
+LM_EVAL = {
+    "tasks": [
+        {"task": "arc_easy", "metric": "acc", "filter": "none", "higher_is_better": True, "base": 0.25,
+         "adapter": 0.5, "dataset": "allenai/ai2_arc", "dataset_config": "ARC-Easy", "split": "test"},
+        {"task": "capitals", "metric": "right_capital", "filter": "none", "higher_is_better": True, "base": 0.7083,
+         "adapter": 0.4583, "dataset": "json", "dataset_config": None, "split": "validation"},
+    ]
+}  # fmt: skip
+
+
+def test_harness_scores_of_the_run_reach_the_manifest_and_the_card(tiny_model_dir, tmp_path):
+    """LmEvalCallback's lm_eval.json: both scores in the body; the model-index gets the Hub data set's task only."""
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_files(run)
+    (run / "lm_eval.json").write_text(json.dumps(LM_EVAL))
+    adapter = make_adapter(run / "adapter", tiny_model_dir)
+    spec = PackageSpec(name="acme/evaluated", version="1.0.0", base_model_id=BASE_ID)
+    package = package_adapter(adapter, tmp_path / "pkg", spec)
+    manifest = json.loads((package.path / MANIFEST_FILE).read_text())
+    assert manifest["harness"] == LM_EVAL["tasks"]
+    card = ModelCard.load(package.path / "README.md")
+    harness = [r for r in card.data.eval_results if r.task_name]
+    assert [(r.task_name, r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type, r.metric_value)
+            for r in harness] == [("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "accuracy", 0.5)]  # fmt: skip
+    assert (
+        "| arc_easy | acc | ↑ | 0.25 | 0.5 | [allenai/ai2_arc](https://huggingface.co/datasets/allenai/ai2_arc) (test) |"
+        in card.text
+    )
+    assert "| capitals | right_capital | ↑ | 0.7083 | 0.4583 | local files |" in card.text
+
+
+def test_a_damaged_lm_eval_file_is_one_error_naming_it(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lm_eval.json").write_text(json.dumps({"tasks": [{"task": "x"}]}))
+    adapter = make_adapter(run / "adapter", tiny_model_dir)
+    with pytest.raises(DataError, match=r"lm_eval\.json is damaged"):
+        package_adapter(adapter, tmp_path / "pkg", PackageSpec(name="acme/x", version="1.0.0", base_model_id=BASE_ID))

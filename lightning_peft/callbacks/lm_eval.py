@@ -2,11 +2,13 @@
 
 The scores go to every logger of the run (so `metrics.jsonl`, TensorBoard, W&B ... hold them) under
 `lm_eval/<task>/<metric>`: the base's at step 0, the adapter's at the last step. The metric's history is then the
-before/after comparison.
+before/after comparison. At the end the pair is also written to `<run folder>/lm_eval.json` (each task's metrics,
+base and adapter values and data set), which `lpeft publish` puts into the card and the manifest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -73,8 +75,16 @@ class LmEvalCallback(L.Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning_peft.atomic import write_text
+        from lightning_peft.evaluation.report import before_after
+        from lightning_peft.run_files import LM_EVAL_FILE
+        from lightning_peft.run_folder import run_dir
+
         self.after = self._evaluate(pl_module)
         self._log(trainer, self.after, step=trainer.global_step)
+        # The pair, with each task's data set, for `lpeft publish` (the card's model-index and table).
+        records = before_after(self.before or None, self.after)
+        write_text(run_dir(trainer) / LM_EVAL_FILE, json.dumps({"tasks": records}, indent=2) + "\n")
 
     def _evaluate(self, pl_module: L.LightningModule) -> dict[str, Any]:
         from lightning_peft.evaluation import evaluate

@@ -110,6 +110,29 @@ def results_payload(
     }
 
 
+def before_after(before: dict[str, Any] | None, after: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per task and metric: the base's and the adapter's value, and the task's data set (from the
+    harness's task config), as `LmEvalCallback` writes them to `lm_eval.json` for `lpeft publish`."""
+    results = {"adapter": after} if before is None else {"base": before, "adapter": after}
+    records = []
+    for row in metric_rows(results):
+        config = after.get("configs", {}).get(row.task, {})
+        records.append(
+            {
+                "task": row.task,
+                "metric": row.metric,
+                "filter": row.filter,
+                "higher_is_better": row.higher_is_better,
+                "base": row.values["base"][0] if "base" in row.values else None,
+                "adapter": row.values["adapter"][0] if "adapter" in row.values else None,
+                "dataset": config.get("dataset_path"),
+                "dataset_config": config.get("dataset_name"),
+                "split": config.get("test_split") or config.get("validation_split"),
+            }
+        )
+    return records
+
+
 def write_results(folder: Path, payload: dict[str, Any]) -> Path:
     """Write `payload` as `folder/results.json`, atomically (a reader sees the old file or the whole new one)."""
     from lightning_peft.atomic import write_text

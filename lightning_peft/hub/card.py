@@ -10,10 +10,11 @@ nothing is a placeholder. The text has no timestamp, so the same manifest always
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from lightning_peft.errors import ConfigError
-from lightning_peft.hub.manifest import MANIFEST_FILE, HubSource, Manifest
+from lightning_peft.hub.manifest import MANIFEST_FILE, HarnessScore, HubSource, Manifest
 from lightning_peft.hub.plot import LOSS_CURVE_FILE
 
 CARD_FILE = "README.md"
@@ -21,6 +22,7 @@ _METHOD_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "IA3": "IA³", "LOHA": "L
 _SPLITS = {"val": "validation", "test": "test"}
 # Our metric names (`val_ppl`) in the Hub's metric vocabulary (model-index `metrics[].type`).
 _HUB_METRICS = {"loss": "loss", "ppl": "perplexity", "acc": "accuracy"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9_-][\w.-]*/[A-Za-z0-9_-][\w.-]*$")
 
 
 def build_card(manifest: Manifest, *, description: str | None, loss_curve_note: str | None) -> str:
@@ -109,6 +111,22 @@ def _eval_results(manifest: Manifest) -> list[Any]:
                 metric_type=kind,
                 metric_name=f"{split} {kind}",
                 metric_value=value,
+            )
+        )
+    for score in manifest.harness:  # harness tasks on Hub data sets: the adapter's score (the base's is in the body)
+        if score.adapter is None or not _is_hub_dataset(score.dataset):
+            continue
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name=score.task,
+                dataset_type=score.dataset,
+                dataset_name=score.task,
+                dataset_config=score.dataset_config,
+                dataset_split=score.split,
+                metric_type=_HUB_METRICS.get(score.metric, score.metric),
+                metric_name=f"{score.task} {score.metric}",
+                metric_value=score.adapter,
             )
         )
     return results
@@ -280,9 +298,47 @@ def _data_sentence(manifest: Manifest) -> str:
 def _evaluation(manifest: Manifest) -> str:
     metrics = manifest.evaluation
     if not metrics:
-        return "## Evaluation\n\nNo evaluation metrics were logged during training."
-    rows = [(k, _fmt(v)) for k, v in sorted(metrics.items())]
-    return f"## Evaluation\n\nLast logged values, on {_eval_data(manifest)}:\n\n" + _table(("metric", "value"), rows)
+        text = "## Evaluation\n\nNo evaluation metrics were logged during training."
+    else:
+        rows = [(k, _fmt(v)) for k, v in sorted(metrics.items())]
+        text = f"## Evaluation\n\nLast logged values, on {_eval_data(manifest)}:\n\n" + _table(
+            ("metric", "value"), rows
+        )
+    return text + _harness_table(manifest)
+
+
+def _harness_table(manifest: Manifest) -> str:
+    """The lm-evaluation-harness scores the run recorded: the base before training beside the adapter after."""
+    if not manifest.harness:
+        return ""
+    rows = [
+        (
+            score.task,
+            score.metric + ("" if score.filter == "none" else f" ({score.filter})"),
+            {True: "↑", False: "↓"}.get(score.higher_is_better, ""),  # type: ignore[arg-type]
+            "—" if score.base is None else _fmt(score.base),
+            "—" if score.adapter is None else _fmt(score.adapter),
+            _harness_data(score),
+        )
+        for score in manifest.harness
+    ]
+    return (
+        "\n\nlm-evaluation-harness (`LmEvalCallback`), the base model before training and this adapter after it:\n\n"
+        + _table(("task", "metric", "", "base", "adapter", "data"), rows)
+    )
+
+
+def _harness_data(score: HarnessScore) -> str:
+    if _is_hub_dataset(score.dataset):
+        return f"[{score.dataset}](https://huggingface.co/datasets/{score.dataset})" + (
+            f" ({score.split})" if score.split else ""
+        )
+    return "local files" if score.dataset else "not recorded"
+
+
+def _is_hub_dataset(path: str | None) -> bool:
+    """A harness task's `dataset_path` names a Hub data set (ORG/NAME), not a loader (`json`) for local files."""
+    return bool(path and _HUB_ID.match(path))
 
 
 def _compatibility(manifest: Manifest) -> str:

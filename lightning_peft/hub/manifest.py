@@ -91,6 +91,21 @@ class DatasetsInfo:
 
 
 @dataclass(frozen=True)
+class HarnessScore:
+    """An lm-evaluation-harness score of the run (LmEvalCallback): the base before training, the adapter after."""
+
+    task: str
+    metric: str
+    filter: str
+    higher_is_better: bool | None
+    base: float | None
+    adapter: float | None
+    dataset: str | None  # the task's `dataset_path`: a Hub data set id, or a loader (json ...) for local data
+    dataset_config: str | None
+    split: str | None
+
+
+@dataclass(frozen=True)
 class ServingInfo:
     """The serving lint (lint.py): whether vLLM can load the adapter, and why not."""
 
@@ -121,6 +136,7 @@ class Manifest:
     libraries: dict[str, str]  # package: version
     serving: ServingInfo
     history: tuple[str, ...] = field(default=())  # the versions published before this one, newest first
+    harness: tuple[HarnessScore, ...] = field(default=())  # harness scores recorded by the run (absent before)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (tuples become lists)."""
@@ -263,6 +279,12 @@ def file_problems(folder: Path, manifest: Manifest) -> list[str]:
                 f"file {entry.path!r} fails its checksum (sha256 {digest[:12]}…, expected {entry.sha256[:12]}…)"
             )
     return problems
+
+
+def harness_score(record: dict[str, Any], *, where: str) -> HarnessScore:
+    """A `HarnessScore` from a run's `lm_eval.json` record, every field type-checked (a missing one is None)."""
+    names = [spec.name for spec in dataclasses.fields(HarnessScore)]
+    return _read_dataclass(HarnessScore, {name: record.get(name) for name in names}, where, "harness")
 
 
 # ---- reading the JSON object into the dataclasses, by their annotations ------------------------------------------

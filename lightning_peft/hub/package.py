@@ -268,6 +268,7 @@ def _manifest(
             files=record.data_files,
             hub_sources=tuple(manifest_lib.HubSource(**source) for source in record.hub_sources),
         ),
+        harness=tuple(manifest_lib.harness_score(score, where="lm_eval.json") for score in record.harness),
         libraries=library_versions(),
         serving=manifest_lib.ServingInfo(
             vllm_compatible=lint.vllm_compatible,

@@ -29,6 +29,7 @@ from lightning_peft.run_files import (
     CSV_METRICS_FILE,
     HISTORY_FILE,
     HPARAMS_FILE,
+    LM_EVAL_FILE,
     RUN_YAML_FILES,
     SUMMARY_FILE,
     read_history,
@@ -72,6 +73,8 @@ class RunRecord:
         hyperparameters: Optimizer, schedule, batch and trainer settings found in hparams.yaml / config.yaml.
         data_files: Names of the local data files by role: train, validation, test (", "-joined for a mixture).
         hub_sources: The Hub data sets by role: {role, id, subset, split, revision}.
+        harness: lm-evaluation-harness scores from `lm_eval.json` (LmEvalCallback): one record per task and metric
+            with the base's and the adapter's value and the task's data set.
         sources: The files the record was read from.
     """
 
@@ -83,6 +86,7 @@ class RunRecord:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     data_files: dict[str, str] = field(default_factory=dict)
     hub_sources: list[dict[str, Any]] = field(default_factory=list)
+    harness: list[dict[str, Any]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
 
@@ -94,7 +98,9 @@ def find_run_dir(adapter_dir: Path, run_dir: str | Path | None = None) -> Path |
             raise DataError(f"`--run-dir` {run_dir} is not a folder.")
         return run_dir
     parent = adapter_dir.resolve().parent
-    if any((parent / name).is_file() for name in (HISTORY_FILE, CSV_METRICS_FILE, HPARAMS_FILE, SUMMARY_FILE)):
+    if any(
+        (parent / name).is_file() for name in (HISTORY_FILE, CSV_METRICS_FILE, HPARAMS_FILE, SUMMARY_FILE, LM_EVAL_FILE)
+    ):
         return parent
     return None
 
@@ -114,6 +120,8 @@ def read_run(adapter_dir: Path, run_dir: str | Path | None = None) -> RunRecord:
             _read_hparams(folder / name, record)
     if (folder / SUMMARY_FILE).is_file():
         _read_summary(folder / SUMMARY_FILE, record)
+    if (folder / LM_EVAL_FILE).is_file():
+        _read_harness(folder / LM_EVAL_FILE, record)
     return record
 
 
@@ -196,6 +204,17 @@ def _read_summary(path: Path, record: RunRecord) -> None:
             record.summary[key] = data[key]
     if isinstance(data.get("data"), list):
         _read_data_sources(data["data"], path, record)
+
+
+def _read_harness(path: Path, record: RunRecord) -> None:
+    data = read_json(path, fix=RUN_FILE_FIX)
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and {"task", "metric"} <= t.keys() for t in tasks):
+        raise CorruptFileError(
+            f'{path} is damaged (it must hold {{"tasks": [{{task, metric, ...}}]}}): {RUN_FILE_FIX}.'
+        )
+    record.sources.append(LM_EVAL_FILE)
+    record.harness = tasks
 
 
 def _read_data_sources(entries: list[Any], path: Path, record: RunRecord) -> None:
