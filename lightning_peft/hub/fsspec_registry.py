@@ -51,17 +51,17 @@ class FsspecRegistry(Registry):
                 f"`--registry {url}` needs fsspec (and s3fs for s3://): pip install 'lightning-peft[s3]'"
             ) from None
         self.url = url.rstrip("/")
+        self.protocol = url.partition("://")[0].lower()
+        if self.protocol not in _CONDITIONAL:  # checked before connecting
+            raise ConfigError(
+                f"`--registry`={url!r}: {self.protocol}:// has no conditional writes known to lightning-peft, so "
+                "concurrent publishes could not be made safe; use s3:// (or an S3-compatible endpoint) or a folder."
+            )
         try:
             self.fs, root = url_to_fs(self.url)
         except (ImportError, ValueError) as err:
             raise MissingDependencyError(f"`--registry {url}`: {err}") from None
         self.root = root.rstrip("/")
-        self.protocol = _protocol(self.fs)
-        if self.protocol not in _CONDITIONAL:
-            raise ConfigError(
-                f"`--registry`={url!r}: {self.protocol}:// has no conditional writes known to lightning-peft, so "
-                "concurrent publishes could not be made safe; use s3:// (or an S3-compatible endpoint) or a folder."
-            )
 
     def describe(self) -> str:
         return f"registry {self.url}"
@@ -155,7 +155,7 @@ class FsspecRegistry(Registry):
 
     def _commit(self, staging: str, target: str, files: list[str]) -> None:
         for rel in sorted(files, key=lambda rel: rel == MANIFEST_FILE):
-            self.fs.copy(f"{staging}/{rel}", f"{target}/{rel}")
+            self.fs.cp_file(f"{staging}/{rel}", f"{target}/{rel}")  # server-side
         self.fs.rm(staging, recursive=True)
 
     def _finish_claims(self, repo_id: str) -> None:
@@ -200,6 +200,10 @@ class FsspecRegistry(Registry):
                 self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
+        except OSError as err:
+            if not _precondition_failed(err):
+                raise
+            return False
         return True
 
     def _read_with_token(self, path: str) -> tuple[bytes | None, Any]:
@@ -224,10 +228,10 @@ class FsspecRegistry(Registry):
                 return True
         try:
             self.fs.pipe_file(path, data, IfMatch=token)
-        except (FileNotFoundError, OSError) as err:
-            if "precondition" in str(err).lower() or isinstance(err, FileNotFoundError) or "412" in str(err):
-                return False
-            raise
+        except OSError as err:  # FileNotFoundError: deleted since
+            if not (isinstance(err, FileNotFoundError) or _precondition_failed(err)):
+                raise
+            return False
         return True
 
 
@@ -237,9 +241,10 @@ def is_fsspec_url(text: str) -> bool:
     return bool(sep) and scheme.isidentifier() and scheme.lower() not in ("http", "https", "file")
 
 
-def _protocol(fs: Any) -> str:
-    protocol = fs.protocol
-    return (protocol[0] if isinstance(protocol, (tuple, list)) else protocol).lower()
+def _precondition_failed(err: OSError) -> bool:
+    """S3's 412 (the condition did not hold) and 409 (a concurrent conditional write): someone else came first."""
+    text = str(err).lower().replace("-", "")
+    return any(word in text for word in ("precondition", "conditionalrequestconflict", "412", "409"))
 
 
 def _json(raw: bytes) -> dict[str, Any]:
