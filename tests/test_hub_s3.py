@@ -161,7 +161,7 @@ def test_two_publishers_of_one_version_one_wins_one_clear_error(adapter, s3):
     "killed_at",
     [
         "/.staging/",  # uploading: nothing is visible, the version is free again
-        "/acme/capitals/4.0.0/",  # copying into place after the claim: the next publish finishes the commit
+        "/acme/capitals/4.0.0/adapter_config.json",  # copying into place after the claim: the next publish finishes the commit
     ],
 )
 def test_a_publisher_killed_mid_upload_leaves_the_registry_consistent(adapter, s3, s3_server, killed_at, tmp_path):

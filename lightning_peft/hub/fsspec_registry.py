@@ -9,7 +9,9 @@ Object storage has no rename and no file lock, so a publish is made atomic with 
 3. the staged files are copied into the version folder server-side, the manifest last. The manifest is the
    commit marker: readers see only versions whose manifest exists, so a version appears completely or not at
    all. A claim without a manifest (its publisher died during the copy) is finished from its staging by the
-   next publish of that repo, since the claim is only written once the staging upload is complete.
+   next publish of that version (or of any version of the repo once the claim is 10 minutes old): the claim
+   is only written once the staging upload is complete, and the copies are idempotent.
+A publisher killed while uploading leaves only its `.staging/<publish id>/` (invisible; safe to delete).
 Yanks are read with their ETag and written back with `If-Match`, retried when another writer came first.
 Credentials and endpoints come from the storage's own configuration (for S3: `AWS_*` variables, ~/.aws,
 `AWS_ENDPOINT_URL` or `FSSPEC_S3_ENDPOINT_URL`); nothing here writes them anywhere.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 CLAIM_FILE = ".claim.json"
 STAGING = ".staging"
 _CONDITIONAL = ("s3", "s3a", "memory")  # protocols whose conditional writes this module knows how to ask for
+_CLAIM_GRACE_S = 600  # a claim older than this whose version has no manifest: its publisher died
 _memory_lock = threading.Lock()  # memory:// lives in one process: a lock there is a real compare-and-swap
 
 
@@ -137,7 +140,7 @@ class FsspecRegistry(Registry):
     def publish(self, repo_id: str, version: Version, package_dir: Path, *, message: str, private: bool) -> str:
         if private:
             raise ConfigError(f"`--private` applies to the Hugging Face Hub only; {self.describe()} has no visibility.")
-        self._finish_claims(repo_id)
+        self._finish_claims(repo_id, version)
         target = self._path(repo_id, str(version))
         if self._cat(f"{target}/{MANIFEST_FILE}") is not None:
             raise self._exists(repo_id, version)
@@ -146,7 +149,7 @@ class FsspecRegistry(Registry):
         files = sorted(p.relative_to(package_dir).as_posix() for p in package_dir.rglob("*") if p.is_file())
         for rel in files:  # 1. upload (the slow part): nothing of it is visible
             self.fs.put_file(str(package_dir / rel), f"{staging}/{rel}")
-        claim = dumps({"staging": publish_id, "files": files})
+        claim = dumps({"staging": publish_id, "files": files, "claimed_at": time.time()})
         if not self._create(f"{target}/{CLAIM_FILE}", claim):  # 2. one winner per version
             self.fs.rm(staging, recursive=True)
             raise self._exists(repo_id, version)
@@ -154,18 +157,29 @@ class FsspecRegistry(Registry):
         return f"{self.url}/{repo_id}/{version}"
 
     def _commit(self, staging: str, target: str, files: list[str]) -> None:
-        for rel in sorted(files, key=lambda rel: rel == MANIFEST_FILE):
-            self.fs.cp_file(f"{staging}/{rel}", f"{target}/{rel}")  # server-side
-        self.fs.rm(staging, recursive=True)
+        """Copy the staged files into place, the manifest last; idempotent, so two finishers may race."""
+        try:
+            for rel in sorted(files, key=lambda rel: rel == MANIFEST_FILE):
+                self.fs.cp_file(f"{staging}/{rel}", f"{target}/{rel}")  # server-side
+            self.fs.rm(staging, recursive=True)
+        except FileNotFoundError:
+            if self._cat(f"{target}/{MANIFEST_FILE}") is None:
+                raise
+            # another publish finished this commit (and removed the staging) first
 
-    def _finish_claims(self, repo_id: str) -> None:
-        """Finish the commits of publishers that died after claiming a version (their staging is complete)."""
+    def _finish_claims(self, repo_id: str, version: Version) -> None:
+        """Finish the commits of publishers that died after claiming a version (their staging is complete):
+        the version being published at once (its publisher is retrying), the others once a claim is old enough
+        that its publisher cannot still be copying."""
         for folder in self._ls(self._path(repo_id)):
             folder = folder.rstrip("/")
             claim = self._cat(f"{folder}/{CLAIM_FILE}")
             if claim is None or self._cat(f"{folder}/{MANIFEST_FILE}") is not None:
                 continue
             data = _json(claim)
+            fresh = time.time() - float(data.get("claimed_at") or 0) < _CLAIM_GRACE_S
+            if fresh and not folder.endswith(f"/{version}"):
+                continue
             staging = self._path(STAGING, str(data.get("staging")))
             if self.fs.exists(f"{staging}/{MANIFEST_FILE}"):
                 self._commit(staging, folder, list(data.get("files", [])))
