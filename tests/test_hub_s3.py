@@ -121,6 +121,10 @@ def test_publish_pull_list_yank_through_the_cli(adapter, s3, tmp_path):
     listing = lpeft("list", "--registry", s3, "--json")
     assert listing.exit_code == 0, listing.output
     assert [row["repo_id"] for row in json.loads(listing.stdout)] == [REPO]
+    found = lpeft("search", "--base", "acme-labs/tiny", "--registry", s3, "--json")
+    assert found.exit_code == 0, found.output
+    assert [(row["repo_id"], row["version"]) for row in json.loads(found.stdout)] == [(REPO, "1.1.0")]
+    assert json.loads(lpeft("search", "--base", "other/base", "--registry", s3, "--json").stdout) == []
 
     assert lpeft("yank", f"{REPO}@1.1.0", "--reason", "wrong split", "--registry", s3).exit_code == 0
     result = lpeft("pull", f"{REPO}@^1", "--to", tmp_path / "pulled", "--registry", s3)

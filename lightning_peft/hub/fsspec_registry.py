@@ -63,7 +63,9 @@ class FsspecRegistry(Registry):
         try:
             self.fs, root = url_to_fs(self.url)
         except (ImportError, ValueError) as err:
-            raise MissingDependencyError(f"`--registry {url}`: {err}") from None
+            raise MissingDependencyError(
+                f"`--registry {url}`: {err}; pip install 'lightning-peft[s3]' (s3fs) for s3://"
+            ) from None
         self.root = root.rstrip("/")
 
     def describe(self) -> str:
