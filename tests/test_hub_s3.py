@@ -192,3 +192,43 @@ def test_a_storage_without_conditional_writes_is_refused():
     result = lpeft("versions", REPO, "--registry", "ftp://example.invalid/registry")
     assert result.exit_code == 2
     assert "has no conditional writes" in error_line(result)
+
+
+def test_the_claim_is_a_conditional_create_on_the_server(s3):
+    """The race the early check cannot settle: both publishers passed it; the server's If-None-Match picks one."""
+    from lightning_peft.hub.fsspec_registry import CLAIM_FILE, FsspecRegistry
+
+    registry = FsspecRegistry(s3)
+    path = registry._path(REPO, "5.0.0", CLAIM_FILE)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(registry._create(path, b"{}"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_yank_updates_are_compare_and_swap(s3):
+    from lightning_peft.hub import yanks as yanks_lib
+    from lightning_peft.hub.fsspec_registry import FsspecRegistry
+
+    registry = FsspecRegistry(s3)
+
+    def yank(version):
+        registry.update_yanks(REPO, lambda y: yanks_lib.changed(y, version, "bad", version), message="")
+
+    threads = [threading.Thread(target=yank, args=(f"1.{i}.0",)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(registry.read_yanks(REPO)) == [f"1.{i}.0" for i in range(6)]  # no update lost
+
+
+def test_file_urls_are_local_folders(tmp_path):
+    from lightning_peft.hub.registries import get_registry
+    from lightning_peft.hub.registry import LocalRegistry
+
+    registry = get_registry(f"file://{tmp_path}/reg")
+    assert isinstance(registry, LocalRegistry) and registry.root == tmp_path / "reg"
