@@ -15,10 +15,11 @@ REPO = "acme/capitals"
 BASE_ID = ("--base-model-id", "acme-labs/tiny")
 
 
-@pytest.fixture(params=["local", "hf"])
+@pytest.fixture(params=["local", "hf", "memory"])
 def registry(request, tmp_path):
     """A `--registry` value with 1.0.0, 1.1.0 and 1.2.0 of REPO published."""
-    value = request.getfixturevalue("hub").url if request.param == "hf" else str(tmp_path / "registry")
+    values = {"hf": lambda: request.getfixturevalue("hub").url, "memory": lambda: f"memory://{tmp_path.name}/reg"}
+    value = values.get(request.param, lambda: str(tmp_path / "registry"))()
     adapter = request.getfixturevalue("adapter")
     for version in ("1.0.0", "1.1.0", "1.2.0"):
         result = lpeft("publish", adapter, REPO, "--registry", value, "--version", version, "--no-verify", *BASE_ID)

@@ -1,4 +1,5 @@
 """A `--registry` value → a registry: `hf` (or an http(s) URL) selects the Hugging Face Hub (`hf_registry.py`);
+`s3://`, `memory://` and other fsspec URLs select object storage (`fsspec_registry.py`), `file://` a folder;
 any other value is a local registry folder (`registry.py`); none is the default local folder.
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lightning_peft.hub.fsspec_registry import FsspecRegistry, is_fsspec_url
 from lightning_peft.hub.hf_registry import HfRegistry
 from lightning_peft.hub.registry import LocalRegistry, Registry, default_registry_root
 
@@ -18,4 +20,8 @@ def get_registry(spec: str | os.PathLike | None = None) -> Registry:
         return HfRegistry()
     if text.startswith(("http://", "https://")):
         return HfRegistry(endpoint=text.rstrip("/"))
+    if text.lower().startswith("file://"):
+        return LocalRegistry(Path(text[len("file://") :]).expanduser())
+    if is_fsspec_url(text):
+        return FsspecRegistry(text)
     return LocalRegistry(Path(text).expanduser() if text else default_registry_root())
