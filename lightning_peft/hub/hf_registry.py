@@ -1,7 +1,10 @@
 """The Hugging Face Hub as a registry, through `huggingface_hub.HfApi`.
 
-Each version is one commit on `main` that holds every file of the package (files of the previous version that
-the new one lacks are deleted in that same commit), tagged `vX.Y.Z`; versions are listed from the tags and
+Each version is one commit that holds every file of the package (files of the previous version that the new one
+lacks are deleted in that same commit), tagged `vX.Y.Z`. The commit names the commit it was prepared against
+(`parent_commit`), so two concurrent publishers cannot interleave: the Hub refuses the later one, which prepares
+again. The highest version is committed on `main`; a lower one (a patch to an older line) on a temporary branch
+started at the highest tag below it, so `main` always holds the highest version; versions are listed from the tags and
 downloaded at their tag. Yanks are one commit of `yanked.json` on `main` (the tags stay where they are), and
 publishes keep that file. Listing and search ask `HfApi.list_models` for repos tagged `peft` and
 `lightning-peft` (and `base_model:adapter:<id>`), the tags every published card carries. The endpoint is `HF_ENDPOINT` (or the URL given as `--registry`); the token comes
@@ -112,25 +115,57 @@ class HfRegistry(Registry):
             api.create_commit(repo_id, [operation], commit_message=message, parent_commit=head)
 
     def publish(self, repo_id: str, version: Version, package_dir: Path, *, message: str, private: bool) -> str:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        """One commit with every file, based on the commit it was prepared against (`parent_commit`), then a tag.
+
+        The highest version is committed on `main`. A release below it (a patch to an older line) is committed on
+        a short-lived branch started at the highest tag below it and tagged there, so `main` keeps the newest.
+        A publish that loses a race (the branch moved since it was read) is prepared again, up to 3 times.
+        """
+        from huggingface_hub.errors import HfHubHTTPError
 
         api = self._api(need_token=True)
-        tag = tag_for(version)
         with self._errors(repo_id):
             api.create_repo(repo_id, private=private, exist_ok=True)
-            if any(info.version == version for info in self.list_versions(repo_id)):
-                raise ConfigError(
-                    f"{repo_id} {version} is already published (tag {tag}); published versions are immutable."
-                )
+            for attempt in range(3):
+                try:
+                    return self._publish_once(api, repo_id, version, package_dir, message)
+                except HfHubHTTPError as err:
+                    if err.response is None or err.response.status_code != 412 or attempt == 2:
+                        raise
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _publish_once(self, api: HfApi, repo_id: str, version: Version, package_dir: Path, message: str) -> str:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        tag = tag_for(version)
+        published = [info.version for info in self.list_versions(repo_id)]
+        if version in published:
+            raise ConfigError(
+                f"{repo_id} {version} is already published (tag {tag}); published versions are immutable."
+            )
+        below = [v for v in published if v < version]
+        branch = "main" if len(below) == len(published) else f"lpeft-release-{tag}"
+        if branch != "main":  # an older line's release: start from the highest version below it, leave main alone
+            api.create_branch(repo_id, branch=branch, revision=tag_for(max(below)) if below else None)
+        try:
+            head = api.repo_info(repo_id, revision=branch).sha
             files = sorted(p.relative_to(package_dir).as_posix() for p in package_dir.rglob("*") if p.is_file())
-            stale = set(api.list_repo_files(repo_id, revision="main")) - set(files) - _HUB_FILES
+            stale = set(api.list_repo_files(repo_id, revision=head)) - set(files) - _HUB_FILES
             operations: list[Any] = [CommitOperationAdd(path, str(package_dir / path)) for path in files]
             operations += [CommitOperationDelete(path) for path in sorted(stale)]
             commit = api.create_commit(
-                repo_id, operations, commit_message=f"{repo_id.split('/')[-1]} {tag}", commit_description=message
+                repo_id,
+                operations,
+                commit_message=f"{repo_id.split('/')[-1]} {tag}",
+                commit_description=message,
+                revision=branch,
+                parent_commit=head,
             )
-            # Tag the commit just made (not `main`, which another publisher may have moved since).
+            # Tag the commit just made (not the branch, which another publisher may have moved since).
             api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message or None)
+        finally:
+            if branch != "main":
+                api.delete_branch(repo_id, branch=branch)
         return f"{self.endpoint}/{repo_id}/tree/{tag}"
 
     def read_manifest(self, repo_id: str, version: Version) -> bytes:
