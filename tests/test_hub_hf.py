@@ -173,3 +173,23 @@ def test_publishes_name_their_parent_commit_and_a_lost_race_is_prepared_again(hu
     # 1.0.0, someone else, 1.1.0 refused (412: main moved since its parent commit), 1.1.0 prepared again.
     assert hub.requests.count(("POST", f"/api/models/{REPO}/commit/main")) == 4
     assert "x" not in hub.repos[REPO].commit(hub.repos[REPO].tags["v1.1.0"]).files  # not part of the package
+
+
+def test_pulls_go_through_the_hub_cache_and_a_second_pull_downloads_nothing(hub, adapter, tmp_path):
+    assert lpeft("publish", adapter, REPO, "--registry", "hf", "--no-verify").exit_code == 0
+    files = set(hub.repos[REPO].commit(hub.repos[REPO].tags["v1.0.0"]).files) - {".gitattributes"}
+
+    def downloads(start):
+        return [path for method, path in hub.requests[start:] if method == "GET" and "/resolve/" in path]
+
+    start = len(hub.requests)
+    assert lpeft("pull", f"{REPO}@1.0.0", "--to", tmp_path / "first", "--registry", "hf").exit_code == 0
+    assert sorted(p.rsplit("/", 1)[-1] for p in downloads(start)) == sorted(files)  # each file once, by its commit
+    cache = tmp_path / "hf-home" / "hub" / "models--acme--capitals"
+    assert cache.is_dir()
+
+    start = len(hub.requests)
+    result = lpeft("pull", f"{REPO}@1.0.0", "--to", tmp_path / "second", "--registry", "hf")
+    assert result.exit_code == 0, result.output
+    assert downloads(start) == []  # only metadata (refs, the tag's commit): every file came from the cache
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == sorted(files)

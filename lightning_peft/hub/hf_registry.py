@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -174,13 +175,29 @@ class HfRegistry(Registry):
             return (Path(folder) / MANIFEST_FILE).read_bytes()
 
     def download(self, repo_id: str, version: Version, paths: list[str], dest: Path) -> None:
-        api = self._api(need_token=False)
-        with tempfile.TemporaryDirectory(prefix=".lpeft-download-", dir=dest.parent) as scratch, self._errors(repo_id):
-            for rel in paths:
-                check_relative_path(rel, where=f"{repo_id} {version}")
-                local = api.hf_hub_download(repo_id, rel, revision=tag_for(version), local_dir=scratch)
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(local, dest / rel)
+        """Through `snapshot_download` at the version's tag: parallel, resumable, and into the Hub cache, so a file
+        already downloaded (the manifest, a version pulled before) is copied from there instead."""
+        from huggingface_hub import snapshot_download
+
+        where = f"{repo_id} {version}"
+        for rel in paths:
+            check_relative_path(rel, where=where)
+        with self._errors(repo_id), _quiet_when_nothing_matches():
+            snapshot = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=tag_for(version),
+                    allow_patterns=[glob_escape(rel) for rel in paths],
+                    endpoint=self.endpoint,
+                    token=self._token or None,
+                )
+            )
+        for rel in paths:
+            source = snapshot / rel
+            if not source.is_file():
+                raise DataError(f"{where} on {self.describe()}: file {rel!r} listed in its manifest is missing.")
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest / rel)  # out of the cache (its entries are links to shared blobs)
 
     @contextlib.contextmanager
     def _errors(self, repo_id: str) -> Iterator[None]:
@@ -225,6 +242,28 @@ class HfRegistry(Registry):
                 f"Cannot reach {where} ({type(err).__name__}: {_first_line(err)}); check `HF_ENDPOINT` / `--registry` "
                 "and the network."
             ) from None
+
+
+@contextlib.contextmanager
+def _quiet_when_nothing_matches() -> Iterator[None]:
+    """Drop snapshot_download's warning that no file matched: `download` says which file is missing itself, and
+    an optional file (the signature of an unsigned package) is missing by design."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No files matched")
+
+    logger = logging.getLogger("huggingface_hub._snapshot_download")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def glob_escape(path: str) -> str:
+    """`path` as an fnmatch pattern that matches only itself (`allow_patterns` are fnmatch patterns)."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def _is_transport_error(err: BaseException) -> bool:

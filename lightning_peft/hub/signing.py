@@ -85,9 +85,11 @@ def verify(package_dir: Path, keys: list[Path], *, where: str) -> str:
             continue
         return fingerprint
     if any(p.startswith("Signature mismatch") for p in problems):
-        text = " ".join(problems)
-        changed = re.findall(r"mismatch for '([^']+)'", text) + re.findall(r"files[^:']*'[^']*': ([^\"\]]+)", text)
-        names = ", ".join(changed) or "a file was added or removed"
+        text = " ".join(problems)  # model-signing's diff: a list of lines in one string, digests as bytes reprs
+        changed = list(dict.fromkeys(re.findall(r"mismatch for \\*'([^'\\]+)", text)))
+        changed += ["files added"] if "Extra files" in text else []
+        changed += ["files removed"] if "Missing files" in text else []
+        names = ", ".join(changed) or "see `lpeft inspect`"
         raise DataError(f"{where}: its files differ from what was signed ({names}); refused.")
     raise DataError(f"{where} is signed by key {fingerprint[:16]}…, which is none of the trusted keys; refused.")
 
