@@ -68,5 +68,7 @@ def hub(tmp_path, monkeypatch):
     # huggingface_hub reads these once, at import: the test suite runs with HF_HUB_OFFLINE=1.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    # The Hub cache too: the fake Hub's commit ids repeat from test to test, so a shared cache would answer for it.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     yield server
     server.stop()

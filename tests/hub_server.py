@@ -138,6 +138,9 @@ class FakeHub:
         header = lines[0]
         if header.get("key") != "header":
             raise HubError(400, "The first line must be the header")
+        parent = header["value"].get("parentCommit")
+        if parent and parent != repo.branches[revision]:  # the Hub's answer when the branch moved since `parent`
+            raise HubError(412, "A commit has happened since. Please refresh and try again.")
         files = dict(repo.commit(repo.branches[revision]).files)
         for line in lines[1:]:
             key, value = line["key"], line["value"]
@@ -166,6 +169,17 @@ class FakeHub:
         if body["tag"] in repo.tags or body["tag"] in repo.branches:
             raise HubError(409, f"Tag {body['tag']} already exists")
         repo.tags[body["tag"]] = oid
+        return {}
+
+    def branch(self, repo: Repo, name: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """Create the branch `name` at `startingPoint` (body), or delete it (body None)."""
+        if body is None:
+            if name == "main" or repo.branches.pop(name, None) is None:
+                raise HubError(404 if name != "main" else 403, f"Cannot delete branch {name}")
+            return {}
+        if name in repo.branches or name in repo.tags:
+            raise HubError(409, f"Reference {name} already exists")
+        repo.branches[name] = self.resolve(repo, body.get("startingPoint") or "main").oid
         return {}
 
     def refs(self, repo: Repo) -> dict[str, Any]:
@@ -243,6 +257,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         path, self.query = url.path, parse_qs(url.query)
@@ -290,6 +307,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, hub.commit(repo, repo_id, revision, lines), {}
             if action == "tag":
                 return 200, hub.tag(repo, revision, json.loads(body)), {}
+            if action == "branch":
+                return 200, hub.branch(repo, revision, json.loads(body or b"{}")), {}
+        elif method == "DELETE" and action == "branch" and rest:
+            self._require_token()
+            return 200, hub.branch(repo, rest[0], None), {}
         elif action == "refs":
             return 200, hub.refs(repo), {}
         elif action == "tree" and rest:

@@ -139,3 +139,57 @@ def test_manifest_path_escaping_the_folder_is_never_requested(hub, adapter, tmp_
     assert result.exit_code == 3 and "'../../outside.txt' escapes the package folder" in error_line(result)
     assert not any("outside" in path for _, path in hub.requests)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_patch_to_an_older_line_leaves_main_on_the_highest_version(hub, adapter, tmp_path):
+    for version in ("1.0.0", "2.0.0", "1.0.1"):
+        assert lpeft("publish", adapter, REPO, "--registry", "hf", "--no-verify", "--version", version).exit_code == 0
+    repo = hub.repos[REPO]
+    assert repo.branches == {"main": repo.tags["v2.0.0"]}  # the release branch of 1.0.1 is gone, main unmoved
+    assert json.loads(repo.commit(repo.tags["v1.0.1"]).files[MANIFEST_FILE])["version"] == "1.0.1"
+    assert json.loads(repo.commit(repo.branches["main"]).files[MANIFEST_FILE])["version"] == "2.0.0"
+    assert lpeft("versions", REPO, "--registry", "hf").stdout.split()[:4] == ["2.0.0", "(latest)", "1.0.1", "1.0.0"]
+    result = lpeft("pull", f"{REPO}@~1.0", "--to", tmp_path / "patch", "--registry", "hf")
+    assert result.exit_code == 0 and "Pulled acme/capitals 1.0.1" in result.stdout, result.output
+
+
+def test_publishes_name_their_parent_commit_and_a_lost_race_is_prepared_again(hub, adapter, monkeypatch):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    assert lpeft("publish", adapter, REPO, "--registry", "hf", "--no-verify").exit_code == 0
+    real = HfApi.create_commit
+    raced = []
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        assert kwargs["parent_commit"] == hub.repos[repo_id].branches[kwargs["revision"]]
+        if not raced:  # another publisher lands between this one's read of main and its commit
+            raced.append(real(self, repo_id, [CommitOperationAdd("x", b"x")], commit_message="someone else"))
+        return real(self, repo_id, operations, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    assert lpeft("publish", adapter, REPO, "--registry", "hf", "--no-verify", "--bump", "minor").exit_code == 0
+    titles = [c.title for c in hub.user_commits(REPO)]
+    assert titles == ["capitals v1.0.0", "someone else", "capitals v1.1.0"]  # no interleaving: refused, redone
+    # 1.0.0, someone else, 1.1.0 refused (412: main moved since its parent commit), 1.1.0 prepared again.
+    assert hub.requests.count(("POST", f"/api/models/{REPO}/commit/main")) == 4
+    assert "x" not in hub.repos[REPO].commit(hub.repos[REPO].tags["v1.1.0"]).files  # not part of the package
+
+
+def test_pulls_go_through_the_hub_cache_and_a_second_pull_downloads_nothing(hub, adapter, tmp_path):
+    assert lpeft("publish", adapter, REPO, "--registry", "hf", "--no-verify").exit_code == 0
+    files = set(hub.repos[REPO].commit(hub.repos[REPO].tags["v1.0.0"]).files) - {".gitattributes"}
+
+    def downloads(start):
+        return [path for method, path in hub.requests[start:] if method == "GET" and "/resolve/" in path]
+
+    start = len(hub.requests)
+    assert lpeft("pull", f"{REPO}@1.0.0", "--to", tmp_path / "first", "--registry", "hf").exit_code == 0
+    assert sorted(p.rsplit("/", 1)[-1] for p in downloads(start)) == sorted(files)  # each file once, by its commit
+    cache = tmp_path / "hf-home" / "hub" / "models--acme--capitals"
+    assert cache.is_dir()
+
+    start = len(hub.requests)
+    result = lpeft("pull", f"{REPO}@1.0.0", "--to", tmp_path / "second", "--registry", "hf")
+    assert result.exit_code == 0, result.output
+    assert downloads(start) == []  # only metadata (refs, the tag's commit): every file came from the cache
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == sorted(files)

@@ -170,6 +170,31 @@ def test_fingerprint_ignores_sharding_and_resaving_but_not_weights(tiny_model_di
     assert fingerprint(tmp_path / "changed") != fingerprint(tiny_model_dir)
 
 
+def test_fingerprints_are_cached_until_a_weight_file_changes(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    import importlib
+    import shutil
+
+    fingerprint_lib = importlib.import_module("lightning_peft.hub.fingerprint")  # the package exports a function
+
+    monkeypatch.setenv("LPEFT_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    computed = []
+    real = fingerprint_lib._compute
+    monkeypatch.setattr(fingerprint_lib, "_compute", lambda *args: computed.append(1) or real(*args))
+    monkeypatch.setattr(fingerprint_lib, "_ANNOUNCE_BYTES", 1)
+    with caplog.at_level("INFO", logger="lightning_peft.hub.fingerprint"):
+        first = fingerprint(tmp_path / "base")
+    assert "Fingerprinting the base model in" in caplog.text  # long hashing says so (a tqdm bar on a terminal)
+    assert fingerprint(tmp_path / "base") == first and len(computed) == 1  # the second answer is the cached one
+    assert len(list((tmp_path / "cache" / "fingerprints").iterdir())) == 1
+
+    weights = next((tmp_path / "base").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, same path: only the content (and so the mtime) changes
+    weights.write_bytes(bytes(data))
+    assert fingerprint(tmp_path / "base") != first and len(computed) == 2
+
+
 def test_fingerprint_needs_safetensors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="has no \\*.safetensors weights"):

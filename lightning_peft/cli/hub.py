@@ -41,6 +41,13 @@ REGISTRY_HELP = (
 @click.option("--no-verify", is_flag=True, help="Skip reloading the package onto the base to compare logits.")
 @click.option("--dry-run", is_flag=True, help="Package and verify, but publish nothing.")
 @click.option("--out", type=click.Path(file_okay=False), help="Also write the package folder here.")
+@click.option(
+    "--sign",
+    "sign_key",
+    metavar="KEY",
+    type=click.Path(dir_okay=False),
+    help="Sign the package with this elliptic-curve private key (PEM), offline (OpenSSF model-signing).",
+)
 @click.pass_context
 def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) -> None:
     """Package ADAPTER_DIR (card, manifest, checksums) and publish it as a new version of REPO_ID (org/name)."""
@@ -66,12 +73,15 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
             base_model_id=options["base_model_id"],
             run_dir=options["run_dir"],
             allow_pickle=options["allow_pickle"],
+            sign=options["sign_key"],
         )
-        files = len(result.manifest.files) + 1
+        files = len(result.manifest.files) + 1 + bool(result.signer)
         if result.dry_run:
             click.echo(f"Dry run: {repo_id} {result.version} ({files} files) is ready; nothing was published.")
         else:
             click.echo(f"Published {repo_id} {result.version} ({files} files) to {result.location}")
+        if result.signer:
+            click.echo(f"Signed by key {result.signer}")
         if options["out"]:
             click.echo(f"Package written to {options['out']}")
 
@@ -85,6 +95,14 @@ def publish(ctx: click.Context, adapter_dir: str, repo_id: str, **options: Any) 
 @click.option("--base", metavar="MODEL", help="Check the adapter against this base model (alias, folder, Hub id).")
 @flags.allow_base_mismatch("Accept a base whose fingerprint differs (with a warning).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --to folder.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    metavar="PUB",
+    type=click.Path(dir_okay=False),
+    help="Only accept a package signed by this public key (PEM; repeatable; also $LPEFT_TRUSTED_KEYS).",
+)
 @click.pass_context
 def pull(ctx: click.Context, reference: str, **options: Any) -> None:
     """Download a version of an adapter, checking every checksum before anything lands in --to.
@@ -99,6 +117,7 @@ def pull(ctx: click.Context, reference: str, **options: Any) -> None:
         settings = {k: v for k, v in options.items() if k not in ("to", "allow_base_mismatch")}
         result = pull_adapter(reference, options["to"], force=options["allow_base_mismatch"], **settings)
         checked = "; base fingerprint matches" if result.base_matches else ""
+        checked += f"; signed by trusted key {result.signer}" if result.signer else ""
         checked += f"; yanked: {result.yanked}" if result.yanked else ""
         click.echo(f"Pulled {result.repo_id} {result.version} into {result.path} (checksums verified{checked})")
 
@@ -202,6 +221,11 @@ def _report_lines(report: Any) -> list[str]:
         ]
         lines += [f"    {problem}" for problem in report.file_problems]
         lines += [f"  not in the manifest: {', '.join(report.extra_files)}"] if report.extra_files else []
+        lines.append(
+            f"  signer: key {report.signer} (verified by `lpeft pull --trusted-key`)"
+            if report.signer
+            else "  signer: none (unsigned)"
+        )
     lines += [f"  serving: {p}" for p in report.serving_problems] or ["  serving: vLLM can load it as a LoRA adapter"]
     lines += [f"  serving: {n}" for n in report.serving_notes]
     if report.base_matches is not None:

@@ -20,6 +20,7 @@ from typing import Any
 from lightning_peft.atomic import check_target, staged_folder
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.hub import manifest as manifest_lib
+from lightning_peft.hub import signing
 from lightning_peft.hub import yanks as yanks_lib
 from lightning_peft.hub.lint import lint_adapter_config
 from lightning_peft.hub.package import Package, PackageSpec, package_adapter, read_source
@@ -41,6 +42,7 @@ class PublishResult:
     manifest: manifest_lib.Manifest
     logits_difference: float | None
     dry_run: bool
+    signer: str | None = None  # the signing key's fingerprint, when signed
 
 
 def publish(
@@ -55,6 +57,7 @@ def publish(
     dry_run: bool = False,
     out: str | os.PathLike | None = None,
     verify: bool = True,
+    sign: str | os.PathLike | None = None,
     **spec: Any,
 ) -> PublishResult:
     """Package `adapter_dir` and publish it as a new version of `repo_id`.
@@ -70,6 +73,7 @@ def publish(
         dry_run: Package and verify, but publish nothing.
         out: Also keep a copy of the package folder here.
         verify: Reload the package onto its base and compare logits (needs torch).
+        sign: An elliptic-curve private key (PEM) to sign the package with (`hub.signing`).
         **spec: More `PackageSpec` fields: license, description, datasets, base, base_model_id, run_dir,
             allow_pickle.
 
@@ -97,13 +101,14 @@ def publish(
         package = package_adapter(adapter_dir, staging / "package", package_spec)
         _warn_serving(package)
         difference = compare_logits(package.source.path, package.path, package.base.path) if verify else None
+        signer = signing.sign(package.path, sign) if sign is not None else None
         if out is not None:
             _copy_package(package.path, Path(out))
         location = None
         if not dry_run:
             location = registry.publish(repo_id, chosen, package.path, message=message, private=private)
             log.debug("Published %s %s to %s", repo_id, chosen, location)
-    return PublishResult(repo_id, str(chosen), location, package.manifest, difference, dry_run)
+    return PublishResult(repo_id, str(chosen), location, package.manifest, difference, dry_run, signer)
 
 
 def _warn_serving(package: Package) -> None:
@@ -127,6 +132,7 @@ class PullResult:
     manifest: manifest_lib.Manifest
     base_matches: bool | None
     yanked: str | None = None  # why the version was yanked, when it was pulled by its exact version anyway
+    signer: str | None = None  # the fingerprint of the trusted key that signed it, when keys were given
 
 
 def split_spec(reference: str) -> tuple[str, str]:
@@ -143,17 +149,21 @@ def pull(
     base: str | None = None,
     force: bool = False,
     overwrite: bool = False,
+    trusted_keys: list[str | os.PathLike] | tuple[str | os.PathLike, ...] = (),
 ) -> PullResult:
     """Download the version of `REPO_ID[@SPEC]` that the spec resolves to into `to`, verified.
 
     Every file's sha256 is checked (and the base fingerprint, when `base` is given) before anything is moved
-    into `to`; on any failure `to` is left as it was.
+    into `to`; on any failure `to` is left as it was. With trusted keys (`trusted_keys` and
+    `$LPEFT_TRUSTED_KEYS`), the package must also be signed by one of them, over exactly the bytes pulled.
 
     Raises:
         ConfigError: bad reference, no matching version, a base mismatch without `force`, an unusable `to`.
-        DataError: a malformed manifest, a path escaping the folder, or a file that fails its checksum.
+        DataError: a malformed manifest, a path escaping the folder, a file that fails its checksum, or (with
+            trusted keys) a missing signature, an untrusted signer, or bytes that differ from those signed.
     """
     registry = registry if isinstance(registry, Registry) else get_registry(registry)
+    keys = signing.trusted_keys(trusted_keys)
     repo_id, spec = split_spec(reference)
     check_repo_id(repo_id)
     spec = check_spec(spec)
@@ -171,15 +181,26 @@ def pull(
     manifest = manifest_lib.parse(raw, where=where)
     if manifest.name != repo_id or manifest.version != str(version):
         raise DataError(f"{where}: its manifest says {manifest.name} {manifest.version}; the registry is inconsistent.")
-    base_matches = None
+    base_matches = signer = None
     with staged_folder(target, overwrite=overwrite) as staging:
         registry.download(repo_id, version, [f.path for f in manifest.files], staging)
         manifest_lib.verify_files(staging, manifest, where=where)
         (staging / manifest_lib.MANIFEST_FILE).write_bytes(raw)
+        _download_signature(registry, repo_id, version, staging)
+        if keys:
+            signer = signing.verify(staging, keys, where=where)
         if base is not None:
             base_matches = check_base(staging, base, force=force)
     log.debug("Pulled %s %s into %s (every checksum verified)", repo_id, version, target)
-    return PullResult(repo_id, str(version), target, manifest, base_matches, yanked)
+    return PullResult(repo_id, str(version), target, manifest, base_matches, yanked, signer)
+
+
+def _download_signature(registry: Registry, repo_id: str, version: Any, staging: Path) -> None:
+    """Fetch the package's signature when it has one; an unsigned package simply lacks the file."""
+    try:
+        registry.download(repo_id, version, [signing.SIGNATURE_FILE], staging)
+    except DataError:
+        log.debug("%s %s is not signed", repo_id, version)
 
 
 def list_versions(repo_id: str, *, registry: Registry | str | None = None) -> list[VersionInfo]:
@@ -242,6 +263,7 @@ class InspectReport:
     serving_problems: list[str] = field(default_factory=list)
     serving_notes: list[str] = field(default_factory=list)
     base_matches: bool | None = None
+    signer: str | None = None  # the fingerprint recorded in lpeft_signature.sig (not checked: see pull)
 
 
 def inspect(directory: str | os.PathLike, *, base: str | None = None, force: bool = False) -> InspectReport:
@@ -259,7 +281,8 @@ def inspect(directory: str | os.PathLike, *, base: str | None = None, force: boo
         manifest = manifest_lib.read(path)
         report.manifest = manifest
         report.file_problems = manifest_lib.file_problems(path, manifest)
-        listed = {f.path for f in manifest.files} | {manifest_lib.MANIFEST_FILE}
+        report.signer = signing.signer(path)
+        listed = {f.path for f in manifest.files} | {manifest_lib.MANIFEST_FILE, signing.SIGNATURE_FILE}
         report.extra_files = sorted(
             p.relative_to(path).as_posix()
             for p in path.rglob("*")

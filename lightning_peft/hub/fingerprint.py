@@ -7,12 +7,18 @@ The fingerprint (`lpeft-base-v1`) is a sha256 over
   2. every tensor of every `*.safetensors` file, in name order: its name, dtype and shape, then its raw bytes.
 So it names the architecture and the exact weights, whatever the sharding, file names or safetensors
 metadata — and it is computed without torch, by reading the safetensors header and streaming the data.
+
+Hashing a large base takes a while, so results are cached in `<cache>/fingerprints/` (`$LPEFT_CACHE`, else
+`$XDG_CACHE_HOME/lightning_peft`), keyed by the canonical config and each weight file's resolved path, size,
+mtime and inode: rewriting or replacing a weight file changes the key, so it is hashed again. Hashing shows a
+progress bar over bytes (on a terminal) and logs a line for bases over 256 MiB.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +26,10 @@ from pathlib import Path
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.files import read_json_object, read_safetensors_header
 
+log = logging.getLogger(__name__)
+
 FINGERPRINT_METHOD = "lpeft-base-v1"
+_ANNOUNCE_BYTES = 256 * 1024 * 1024
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "_commit_hash"}
 )
@@ -111,14 +120,55 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
             f"{model_dir} has no *.safetensors weights; the base fingerprint reads safetensors only "
             "(pickle .bin weights are never loaded). Convert the model with `save_pretrained(..., safe_serialization=True)`."
         )
+    config = canonical_config(config_path)
+    cached = _cache_path(config, weights)
+    if cached.is_file():
+        recorded = cached.read_text(encoding="utf-8").strip()
+        if recorded.startswith("sha256:"):
+            return recorded
+    result = _compute(config, weights, model_dir)
+    _remember(cached, result)
+    return result
+
+
+def _compute(config: bytes, weights: list[Path], model_dir: Path) -> str:
+    from tqdm.auto import tqdm
+
     digest = hashlib.sha256()
-    digest.update(canonical_config(config_path))
+    digest.update(config)
     tensors = _tensor_index(weights)
-    for name in sorted(tensors):
-        path, start, end, dtype, shape = tensors[name]
-        digest.update(json.dumps([name, dtype, shape]).encode())
-        _hash_range(digest, path, start, end)
+    total = sum(end - start for _, start, end, _, _ in tensors.values())
+    if total >= _ANNOUNCE_BYTES:
+        log.info("Fingerprinting the base model in %s (%.1f GiB of weights)", model_dir, total / 2**30)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Fingerprinting the base", disable=None, leave=False) as bar:
+        for name in sorted(tensors):
+            path, start, end, dtype, shape = tensors[name]
+            digest.update(json.dumps([name, dtype, shape]).encode())
+            _hash_range(digest, path, start, end)
+            bar.update(end - start)
     return f"sha256:{digest.hexdigest()}"
+
+
+def _cache_path(config: bytes, weights: list[Path]) -> Path:
+    """The cache entry for this config and these weight files as they are now (path, size, mtime, inode)."""
+    from lightning_peft.models import cache_root
+
+    key = hashlib.sha256(FINGERPRINT_METHOD.encode() + b"\0" + config)
+    for path in weights:
+        stat = path.stat()
+        key.update(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]).encode())
+    return cache_root() / "fingerprints" / f"{key.hexdigest()}.txt"
+
+
+def _remember(cached: Path, result: str) -> None:
+    """Cache a fingerprint; a cache that cannot be written only costs the next call the hashing."""
+    from lightning_peft.atomic import write_text
+
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_text(cached, result + "\n")
+    except OSError as err:
+        log.debug("Fingerprint cache not written (%s)", err)
 
 
 def canonical_config(config_path: Path) -> bytes:

@@ -1,7 +1,10 @@
 """The Hugging Face Hub as a registry, through `huggingface_hub.HfApi`.
 
-Each version is one commit on `main` that holds every file of the package (files of the previous version that
-the new one lacks are deleted in that same commit), tagged `vX.Y.Z`; versions are listed from the tags and
+Each version is one commit that holds every file of the package (files of the previous version that the new one
+lacks are deleted in that same commit), tagged `vX.Y.Z`. The commit names the commit it was prepared against
+(`parent_commit`), so two concurrent publishers cannot interleave: the Hub refuses the later one, which prepares
+again. The highest version is committed on `main`; a lower one (a patch to an older line) on a temporary branch
+started at the highest tag below it, so `main` always holds the highest version; versions are listed from the tags and
 downloaded at their tag. Yanks are one commit of `yanked.json` on `main` (the tags stay where they are), and
 publishes keep that file. Listing and search ask `HfApi.list_models` for repos tagged `peft` and
 `lightning-peft` (and `base_model:adapter:<id>`), the tags every published card carries. The endpoint is `HF_ENDPOINT` (or the URL given as `--registry`); the token comes
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -112,25 +116,57 @@ class HfRegistry(Registry):
             api.create_commit(repo_id, [operation], commit_message=message, parent_commit=head)
 
     def publish(self, repo_id: str, version: Version, package_dir: Path, *, message: str, private: bool) -> str:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        """One commit with every file, based on the commit it was prepared against (`parent_commit`), then a tag.
+
+        The highest version is committed on `main`. A release below it (a patch to an older line) is committed on
+        a short-lived branch started at the highest tag below it and tagged there, so `main` keeps the newest.
+        A publish that loses a race (the branch moved since it was read) is prepared again, up to 3 times.
+        """
+        from huggingface_hub.errors import HfHubHTTPError
 
         api = self._api(need_token=True)
-        tag = tag_for(version)
         with self._errors(repo_id):
             api.create_repo(repo_id, private=private, exist_ok=True)
-            if any(info.version == version for info in self.list_versions(repo_id)):
-                raise ConfigError(
-                    f"{repo_id} {version} is already published (tag {tag}); published versions are immutable."
-                )
+            for attempt in range(3):
+                try:
+                    return self._publish_once(api, repo_id, version, package_dir, message)
+                except HfHubHTTPError as err:
+                    if err.response is None or err.response.status_code != 412 or attempt == 2:
+                        raise
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _publish_once(self, api: HfApi, repo_id: str, version: Version, package_dir: Path, message: str) -> str:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        tag = tag_for(version)
+        published = [info.version for info in self.list_versions(repo_id)]
+        if version in published:
+            raise ConfigError(
+                f"{repo_id} {version} is already published (tag {tag}); published versions are immutable."
+            )
+        below = [v for v in published if v < version]
+        branch = "main" if len(below) == len(published) else f"lpeft-release-{tag}"
+        if branch != "main":  # an older line's release: start from the highest version below it, leave main alone
+            api.create_branch(repo_id, branch=branch, revision=tag_for(max(below)) if below else None)
+        try:
+            head = api.repo_info(repo_id, revision=branch).sha
             files = sorted(p.relative_to(package_dir).as_posix() for p in package_dir.rglob("*") if p.is_file())
-            stale = set(api.list_repo_files(repo_id, revision="main")) - set(files) - _HUB_FILES
+            stale = set(api.list_repo_files(repo_id, revision=head)) - set(files) - _HUB_FILES
             operations: list[Any] = [CommitOperationAdd(path, str(package_dir / path)) for path in files]
             operations += [CommitOperationDelete(path) for path in sorted(stale)]
             commit = api.create_commit(
-                repo_id, operations, commit_message=f"{repo_id.split('/')[-1]} {tag}", commit_description=message
+                repo_id,
+                operations,
+                commit_message=f"{repo_id.split('/')[-1]} {tag}",
+                commit_description=message,
+                revision=branch,
+                parent_commit=head,
             )
-            # Tag the commit just made (not `main`, which another publisher may have moved since).
+            # Tag the commit just made (not the branch, which another publisher may have moved since).
             api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message or None)
+        finally:
+            if branch != "main":
+                api.delete_branch(repo_id, branch=branch)
         return f"{self.endpoint}/{repo_id}/tree/{tag}"
 
     def read_manifest(self, repo_id: str, version: Version) -> bytes:
@@ -139,13 +175,29 @@ class HfRegistry(Registry):
             return (Path(folder) / MANIFEST_FILE).read_bytes()
 
     def download(self, repo_id: str, version: Version, paths: list[str], dest: Path) -> None:
-        api = self._api(need_token=False)
-        with tempfile.TemporaryDirectory(prefix=".lpeft-download-", dir=dest.parent) as scratch, self._errors(repo_id):
-            for rel in paths:
-                check_relative_path(rel, where=f"{repo_id} {version}")
-                local = api.hf_hub_download(repo_id, rel, revision=tag_for(version), local_dir=scratch)
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(local, dest / rel)
+        """Through `snapshot_download` at the version's tag: parallel, resumable, and into the Hub cache, so a file
+        already downloaded (the manifest, a version pulled before) is copied from there instead."""
+        from huggingface_hub import snapshot_download
+
+        where = f"{repo_id} {version}"
+        for rel in paths:
+            check_relative_path(rel, where=where)
+        with self._errors(repo_id), _quiet_when_nothing_matches():
+            snapshot = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=tag_for(version),
+                    allow_patterns=[glob_escape(rel) for rel in paths],
+                    endpoint=self.endpoint,
+                    token=self._token or None,
+                )
+            )
+        for rel in paths:
+            source = snapshot / rel
+            if not source.is_file():
+                raise DataError(f"{where} on {self.describe()}: file {rel!r} listed in its manifest is missing.")
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest / rel)  # out of the cache (its entries are links to shared blobs)
 
     @contextlib.contextmanager
     def _errors(self, repo_id: str) -> Iterator[None]:
@@ -190,6 +242,28 @@ class HfRegistry(Registry):
                 f"Cannot reach {where} ({type(err).__name__}: {_first_line(err)}); check `HF_ENDPOINT` / `--registry` "
                 "and the network."
             ) from None
+
+
+@contextlib.contextmanager
+def _quiet_when_nothing_matches() -> Iterator[None]:
+    """Drop snapshot_download's warning that no file matched: `download` says which file is missing itself, and
+    an optional file (the signature of an unsigned package) is missing by design."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No files matched")
+
+    logger = logging.getLogger("huggingface_hub._snapshot_download")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def glob_escape(path: str) -> str:
+    """`path` as an fnmatch pattern that matches only itself (`allow_patterns` are fnmatch patterns)."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def _is_transport_error(err: BaseException) -> bool:
