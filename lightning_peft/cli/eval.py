@@ -17,21 +17,12 @@ from lightning_peft.cli import flags
 from lightning_peft.cli.generate import BASE_LABEL, load_server, parse_adapters
 from lightning_peft.cli.guard import run_showing_warnings
 from lightning_peft.errors import ConfigError
-from lightning_peft.options import QUANTIZATIONS
 
 log = logging.getLogger("lightning_peft.evaluation")
 
 
 @click.command(name="eval")
-@click.option("--model", "model", required=True, metavar="BASE", help="The base model: an alias, a folder or a Hub id.")
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    metavar="[NAME=]PATH_OR_REF",
-    help="A LoRA adapter folder or registry reference (org/name@^1); repeat for several [default name: the "
-    "folder's or the repo's].",
-)
+@flags.model_and_adapters
 @click.option("--with-base", is_flag=True, help="Also evaluate the base model alone (always, without --adapter).")
 @click.option(
     "--tasks",
@@ -57,8 +48,8 @@ log = logging.getLogger("lightning_peft.evaluation")
     "--chat", is_flag=True, help="Render prompts with the chat template (each adapter's own when it saved one)."
 )
 @click.option("--log-samples", is_flag=True, help="Also write each document's prompt, reply and scores (--output).")
-@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="none", show_default=True)
-@click.option("--registry", metavar="hf|URL|PATH", help="Where registry references are pulled from.")
+@flags.quantization
+@flags.registry("Where registry references are pulled from.")
 @flags.allow_base_mismatch("Load packages whose recorded base fingerprint differs from --model (a warning instead).")
 @click.pass_context
 def eval_command(ctx: click.Context, **options: Any) -> None:

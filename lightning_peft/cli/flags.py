@@ -3,6 +3,8 @@
 `--overwrite` replaces an existing output (`merge`, `convert`, `pull`); `--allow-base-mismatch` accepts an adapter
 whose recorded base fingerprint differs (`pull`, `inspect`, `generate`). Both were `--force` before: that spelling
 still works, is hidden from `--help`, and prints one deprecation line on stderr naming the new flag.
+
+`--model`, `--adapter`, `--quantization` and `--registry` are the model-loading options of `generate` and `eval`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+
+from lightning_peft.options import QUANTIZATIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,3 +54,28 @@ def overwrite(help_text: str) -> Callable[[F], F]:
 def allow_base_mismatch(help_text: str) -> Callable[[F], F]:
     """`--allow-base-mismatch` (formerly `--force`): accept an adapter recorded for another base."""
     return flag("--allow-base-mismatch", help_text, deprecated="--force")
+
+
+def model_and_adapters(function: F) -> F:
+    """`--model BASE` (required) and repeatable `--adapter [NAME=]PATH_OR_REF` (collected as `adapters`)."""
+    function = click.option(
+        "--adapter",
+        "adapters",
+        multiple=True,
+        metavar="[NAME=]PATH_OR_REF",
+        help="A LoRA adapter folder or registry reference (org/name@^1); repeat for several [default name: the "
+        "folder's or the repo's].",
+    )(function)
+    return click.option(
+        "--model", "model", required=True, metavar="BASE", help="The base model: an alias, a folder or a Hub id."
+    )(function)
+
+
+def quantization(function: F) -> F:
+    """`--quantization none|nf4|...`: how the base is loaded."""
+    return click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="none", show_default=True)(function)
+
+
+def registry(help_text: str) -> Callable[[F], F]:
+    """`--registry hf|URL|PATH`: where registry references resolve."""
+    return click.option("--registry", metavar="hf|URL|PATH", help=help_text)

@@ -16,22 +16,13 @@ from lightning_peft.cli import flags
 from lightning_peft.cli.guard import run_showing_warnings
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.files import read_text
-from lightning_peft.options import QUANTIZATIONS
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 BASE_LABEL = "base"  # AdapterServer reads it as the base model alone
 
 
 @click.command()
-@click.option("--model", "model", required=True, metavar="BASE", help="The base model: an alias, a folder or a Hub id.")
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    metavar="[NAME=]PATH_OR_REF",
-    help="A LoRA adapter folder or registry reference (org/name@^1); repeat for several [default name: the "
-    "folder's or the repo's].",
-)
+@flags.model_and_adapters
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A prompt (repeatable).")
 @click.option(
     "--prompts-file",
@@ -46,8 +37,8 @@ BASE_LABEL = "base"  # AdapterServer reads it as the base model alone
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (temperature > 0).")
 @click.option("--stream", is_flag=True, help="Print tokens as they come (one answer at a time).")
 @click.option("--with-base", is_flag=True, help="Also answer with the base model alone.")
-@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="none", show_default=True)
-@click.option("--registry", metavar="hf|URL|PATH", help="Where registry references are pulled from.")
+@flags.quantization
+@flags.registry("Where registry references are pulled from.")
 @flags.allow_base_mismatch("Load packages whose recorded base fingerprint differs from --model.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch.")
 @click.pass_context
