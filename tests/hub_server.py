@@ -29,9 +29,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -489,3 +493,29 @@ def error_line(result):
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("lpeft: error: "), result.output
     return lines[-1]
+
+
+# -- publishing to a registry on object storage (test_hub_s3.py, test_hub_gcs_azure.py) -------------------------
+REPO = "acme/capitals"
+BASE_ID = ("--base-model-id", "acme-labs/tiny")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def publish(adapter, registry, version, *extra):
+    return lpeft(
+        "publish", adapter, REPO, "--registry", registry, "--version", version, "--no-verify", *BASE_ID, *extra
+    )
+
+
+def publisher(adapter, registry, version):
+    """A publisher in its own process (`lpeft publish` as a user runs it)."""
+    command = [sys.executable, "-m", "lightning_peft", "publish", str(adapter), REPO, "--registry", registry]
+    command += ["--version", version, "--no-verify", *BASE_ID]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def versions(registry):
+    result = lpeft("versions", REPO, "--registry", registry)
+    assert result.exit_code == 0, result.output
+    return sorted(line.split()[0] for line in result.stdout.splitlines() if line.strip())

@@ -12,22 +12,16 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
-from hub_server import error_line, lpeft
+from hub_server import REPO, error_line, lpeft, publish, publisher, versions
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-REPO = "acme/capitals"
-BASE_ID = ("--base-model-id", "acme-labs/tiny")
 SECRET = "testing-secret-never-stored"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class S3Server:
@@ -85,32 +79,12 @@ def s3(s3_server, monkeypatch):
     return f"s3://{bucket}/team"
 
 
-def publish(adapter, registry, version, *extra):
-    return lpeft(
-        "publish", adapter, REPO, "--registry", registry, "--version", version, "--no-verify", *BASE_ID, *extra
-    )
-
-
-def publisher(adapter, registry, version):
-    """A publisher in its own process (`lpeft publish` as a user runs it)."""
-    command = [sys.executable, "-m", "lightning_peft", "publish", str(adapter), REPO, "--registry", registry]
-    command += ["--version", version, "--no-verify", *BASE_ID]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def stored_objects(registry):
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     bucket = registry.removeprefix("s3://").split("/")[0]
     return {path: fs.cat_file(path) for path in fs.find(bucket)}
-
-
-def versions(registry):
-    result = lpeft("versions", REPO, "--registry", registry)
-    assert result.exit_code == 0, result.output
-    return sorted(line.split()[0] for line in result.stdout.splitlines() if line.strip())
 
 
 def test_publish_pull_list_yank_through_the_cli(adapter, s3, tmp_path):
@@ -201,7 +175,7 @@ def test_the_claim_is_a_conditional_create_on_the_server(s3):
     registry = FsspecRegistry(s3)
     path = registry._path(REPO, "5.0.0", CLAIM_FILE)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(registry._create(path, b"{}"))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: results.append(registry.writes.create(path, b"{}"))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
