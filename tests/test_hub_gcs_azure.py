@@ -197,3 +197,25 @@ def test_a_missing_filesystem_package_names_the_extra(monkeypatch):
     result = lpeft("versions", REPO, "--registry", "gs://bucket/team")
     assert result.exit_code != 0
     assert "pip install 'lightning-peft[gcs]'" in error_line(result)
+
+
+def test_publish_collects_staging_that_killed_publishers_left_a_day_ago(adapter):
+    """A publisher killed while uploading leaves `.staging/<publish id>/`; one killed after claiming leaves a claim
+    too. The next publish removes staging older than a day, and frees a version whose claim named such staging."""
+    url = f"memory://lpeft-{uuid.uuid4().hex[:12]}/team"
+    registry = FsspecRegistry(url)
+
+    def publish_id(hours_ago, name):
+        return time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() - hours_ago * 3600)) + f"-{name}"
+
+    dead, uploading = publish_id(25, "dead"), publish_id(1, "uploading")
+    for staging in (dead, uploading):
+        registry.fs.pipe_file(registry._path(".staging", staging, "adapter_config.json"), b"{}")
+    claim = {"staging": dead, "files": ["adapter_config.json"], "claimed_at": time.time() - 25 * 3600}
+    registry.fs.pipe_file(registry._path(REPO, "2.0.0", CLAIM_FILE), json.dumps(claim).encode())
+
+    assert publish(adapter, url, "1.0.0").exit_code == 0
+    assert [p.rsplit("/", 1)[-1] for p in registry._ls(registry._path(".staging"))] == [uploading]
+    result = publish(adapter, url, "2.0.0")  # its dead publisher's claim no longer blocks it
+    assert result.exit_code == 0, result.output
+    assert versions(url) == ["1.0.0", "2.0.0"]
