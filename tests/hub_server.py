@@ -519,3 +519,40 @@ def versions(registry):
     result = lpeft("versions", REPO, "--registry", registry)
     assert result.exit_code == 0, result.output
     return sorted(line.split()[0] for line in result.stdout.splitlines() if line.strip())
+
+
+def creates_that_won(registry, writers):
+    """`writers` threads create one claim at once through the registry's conditional create: how many succeeded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_peft.hub.fsspec_registry import CLAIM_FILE
+
+    path = registry._path(REPO, "5.0.0", CLAIM_FILE)
+    with ThreadPoolExecutor(writers) as pool:
+        return sum(pool.map(lambda _: registry.writes.create(path, b"{}"), range(writers)))
+
+
+def yank_concurrently(registry, versions_to_yank):
+    """Yank each version from its own thread at once (read, change, conditional write-back, retry)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_peft.hub import yanks as yanks_lib
+
+    def yank(version):
+        registry.update_yanks(REPO, lambda y: yanks_lib.changed(y, version, "bad", version), message="")
+
+    with ThreadPoolExecutor(len(versions_to_yank)) as pool:
+        list(pool.map(yank, versions_to_yank))
+    return sorted(registry.read_yanks(REPO))
+
+
+def yank_pull_and_republish(adapter, registry, tmp_path):
+    """With 1.0.0 and 1.1.0 published: yanking 1.1.0 makes `^1` pull 1.0.0, and 1.0.0 cannot be published again."""
+    assert lpeft("yank", f"{REPO}@1.1.0", "--reason", "wrong split", "--registry", registry).exit_code == 0
+    result = lpeft("pull", f"{REPO}@^1", "--to", tmp_path / "pulled", "--registry", registry)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "pulled" / "lpeft_manifest.json").read_text())["version"] == "1.0.0"
+
+    result = publish(adapter, registry, "1.0.0")  # immutable
+    assert result.exit_code == 2
+    assert "1.0.0 is already published" in error_line(result)

@@ -14,15 +14,24 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 import uuid
 
 import pytest
-from hub_server import REPO, ROOT, error_line, lpeft, publish, publisher, versions
+from hub_server import (
+    REPO,
+    ROOT,
+    creates_that_won,
+    error_line,
+    lpeft,
+    publish,
+    publisher,
+    versions,
+    yank_concurrently,
+    yank_pull_and_republish,
+)
 
-from lightning_peft.hub import yanks as yanks_lib
 from lightning_peft.hub.fsspec_registry import CLAIM_FILE, FsspecRegistry
 
 SECRET = "lpeft-test-secret-never-stored"
@@ -133,14 +142,7 @@ def test_publish_pull_list_yank_through_the_cli(adapter, store, tmp_path):
     listing = lpeft("list", "--registry", url, "--json")
     assert [row["repo_id"] for row in json.loads(listing.stdout)] == [REPO], listing.output
 
-    assert lpeft("yank", f"{REPO}@1.1.0", "--reason", "wrong split", "--registry", url).exit_code == 0
-    result = lpeft("pull", f"{REPO}@^1", "--to", tmp_path / "pulled", "--registry", url)
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "pulled" / "lpeft_manifest.json").read_text())["version"] == "1.0.0"
-
-    result = publish(adapter, url, "1.0.0")  # immutable
-    assert result.exit_code == 2
-    assert "1.0.0 is already published" in error_line(result)
+    yank_pull_and_republish(adapter, url, tmp_path)
 
     objects = stored()
     assert any(p.endswith("/team/acme/capitals/1.0.0/lpeft_manifest.json") for p in objects)  # the folder layout
@@ -150,29 +152,12 @@ def test_publish_pull_list_yank_through_the_cli(adapter, store, tmp_path):
 
 
 def test_the_claim_is_a_conditional_create_on_the_server(store):
-    registry = FsspecRegistry(store[0])
-    path = registry._path(REPO, "5.0.0", CLAIM_FILE)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(registry.writes.create(path, b"{}"))) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(results) == [False] * 5 + [True]
+    assert creates_that_won(FsspecRegistry(store[0]), 6) == 1
 
 
 def test_yank_updates_are_compare_and_swap(store):
-    registry = FsspecRegistry(store[0])
-
-    def yank(version):
-        registry.update_yanks(REPO, lambda y: yanks_lib.changed(y, version, "bad", version), message="")
-
-    threads = [threading.Thread(target=yank, args=(f"1.{i}.0",)) for i in range(5)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(registry.read_yanks(REPO)) == [f"1.{i}.0" for i in range(5)]  # no update lost
+    yanked = [f"1.{i}.0" for i in range(5)]
+    assert yank_concurrently(FsspecRegistry(store[0]), yanked) == yanked  # no update lost
 
 
 @pytest.mark.timeout(300)
