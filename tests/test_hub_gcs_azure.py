@@ -14,9 +14,13 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hub_server import (
@@ -85,6 +89,45 @@ def gcs_server():
 
 
 @pytest.fixture(scope="module")
+def google_credentials(tmp_path_factory):
+    """A service-account key file as `GOOGLE_APPLICATION_CREDENTIALS` names it, whose `token_uri` is a token endpoint
+    served here: the client signs a JWT with the key, trades it for an access token, sends that to the storage.
+    Yields the file, the secrets it holds or yields, and the token requests received."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    requests: list[bytes] = []
+    access_token = f"ya29.{SECRET}"
+
+    class TokenEndpoint(BaseHTTPRequestHandler):
+        def do_POST(self):
+            requests.append(self.rfile.read(int(self.headers["Content-Length"])))
+            body = json.dumps({"access_token": access_token, "expires_in": 3600, "token_type": "Bearer"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    info = {"type": "service_account", "project_id": "lpeft", "private_key_id": "k1", "private_key": pem}
+    info |= {"client_email": "publisher@lpeft.iam.gserviceaccount.com", "client_id": "1"}
+    info["token_uri"] = f"http://127.0.0.1:{server.server_port}/token"
+    path = tmp_path_factory.mktemp("gcloud") / "publisher.json"
+    path.write_text(json.dumps(info))
+    yield path, [pem.splitlines()[1].encode(), access_token.encode()], requests
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
 def azure_server(tmp_path_factory):
     pytest.importorskip("adlfs")
     command = _azurite_command()
@@ -103,15 +146,26 @@ def azure_server(tmp_path_factory):
     process.wait()
 
 
+@dataclass
+class Store:
+    url: str  # the registry URL
+    stored: Callable[[], dict[str, bytes]]  # every object in its bucket
+    secrets: list[bytes]  # what must never be stored
+    # GCS: the token requests the key file's credentials made (None for Azure: Azurite verifies each request's
+    # shared-key signature, so a request that succeeds used the key)
+    token_requests: list[bytes] | None
+
+
 @pytest.fixture(params=["gs", "az"])
 def store(request, monkeypatch):
     """`gs://<new bucket>/team` or `az://<new container>/team`, configured through the environment only, as a user
-    configures the storage's own client; yields the URL and a function returning every stored object."""
+    configures the storage's own client."""
     name = f"lpeft-{uuid.uuid4().hex[:12]}"
     if request.param == "gs":
         url = request.getfixturevalue("gcs_server")
+        key_file, secrets, token_requests = request.getfixturevalue("google_credentials")
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
-        monkeypatch.setenv("NO_GCE_CHECK", "true")  # no metadata-server probe: no credentials but the emulator's
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
         import gcsfs
 
         fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
@@ -121,6 +175,8 @@ def store(request, monkeypatch):
             f"DefaultEndpointsProtocol=http;AccountName={AZURE_ACCOUNT};AccountKey={key};BlobEndpoint={endpoint};"
         )
         monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+        secrets = [SECRET.encode(), key.encode()]
+        token_requests = None
         import adlfs
 
         fs = adlfs.AzureBlobFileSystem(skip_instance_cache=True)
@@ -130,11 +186,11 @@ def store(request, monkeypatch):
         fs.invalidate_cache()
         return {path: fs.cat_file(path) for path in fs.find(name)}
 
-    return f"{request.param}://{name}/team", stored
+    return Store(f"{request.param}://{name}/team", stored, secrets, token_requests)
 
 
 def test_publish_pull_list_yank_through_the_cli(adapter, store, tmp_path):
-    url, stored = store
+    url = store.url
     for version in ("1.0.0", "1.1.0"):
         result = publish(adapter, url, version)
         assert result.exit_code == 0, result.output
@@ -144,25 +200,26 @@ def test_publish_pull_list_yank_through_the_cli(adapter, store, tmp_path):
 
     yank_pull_and_republish(adapter, url, tmp_path)
 
-    objects = stored()
+    objects = store.stored()
     assert any(p.endswith("/team/acme/capitals/1.0.0/lpeft_manifest.json") for p in objects)  # the folder layout
     assert not [p for p in objects if "/.staging/" in p]  # staging is cleaned up after each publish
-    key = base64.b64encode(SECRET.encode())
-    assert not [p for p, data in objects.items() if SECRET.encode() in data or key in data]
+    assert store.token_requests is None or store.token_requests  # GCS: a token was fetched with the key file
+    written = objects | {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert not [path for path, data in written.items() if any(secret in data for secret in store.secrets)]
 
 
 def test_the_claim_is_a_conditional_create_on_the_server(store):
-    assert creates_that_won(FsspecRegistry(store[0]), 6) == 1
+    assert creates_that_won(FsspecRegistry(store.url), 6) == 1
 
 
 def test_yank_updates_are_compare_and_swap(store):
     yanked = [f"1.{i}.0" for i in range(5)]
-    assert yank_concurrently(FsspecRegistry(store[0]), yanked) == yanked  # no update lost
+    assert yank_concurrently(FsspecRegistry(store.url), yanked) == yanked  # no update lost
 
 
 @pytest.mark.timeout(300)
 def test_concurrent_publishers_one_winner_per_version_and_every_version_lands(adapter, store):
-    url = store[0]
+    url = store.url
     procs = [(version, publisher(adapter, url, version)) for version in ("3.0.0", "3.0.0", "3.1.0")]
     results = sorted((version, proc.wait(timeout=250), proc.stderr.read().strip()) for version, proc in procs)
     assert [(version, code) for version, code, _ in results] == [("3.0.0", 0), ("3.0.0", 2), ("3.1.0", 0)], results
