@@ -136,7 +136,8 @@ class FsspecRegistry(Registry):
 
     # Writing
     def update_yanks(self, repo_id: str, change: YankChange, *, message: str) -> None:
-        """Read `yanked.json` with its ETag, apply `change`, write it back only if nobody wrote it since."""
+        """Read `yanked.json` with its version token (ETag, GCS generation), apply `change`, write it back only if
+        nobody wrote it since."""
         path = self._path(repo_id, yanks_lib.YANKED_FILE)
         for _ in range(20):
             raw, token = self.writes.read(path)
