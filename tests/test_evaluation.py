@@ -8,6 +8,7 @@ task's replies equal greedy decoding done here.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -440,6 +441,30 @@ def test_callback_logs_the_base_before_and_the_adapter_after_into_the_metric_his
     [record] = json.loads((folder / "lm_eval.json").read_text())["tasks"]
     assert (record["task"], record["metric"], record["dataset"]) == ("tiny_mc", "acc", "json")
     assert (record["base"], record["adapter"]) == (logged[0][1], logged[1][1])
+
+
+def test_callback_scores_at_each_validation_once_and_prints_the_pair(tiny_model_dir, mc_task, tmp_path, caplog):
+    from helpers import run_folder, write_run_config
+
+    from lightning_peft.cli.lightning import run_lightning_cli
+
+    callback = {
+        "class_path": "lightning_peft.callbacks.LmEvalCallback",
+        "init_args": {"tasks": [str(mc_task)], "every_validation": True},
+    }
+    trainer = {"callbacks": [callback], "max_steps": 4, "val_check_interval": 2, "check_val_every_n_epoch": None}
+    config = write_run_config(tmp_path, tiny_model_dir, model={"learning_rate": 0.05}, trainer=trainer)
+    with caplog.at_level("INFO", logger="lightning_peft"):
+        run_lightning_cli(["fit", "--config", str(config)])
+    folder = run_folder(tmp_path / "runs")
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    logged = [(row["step"], row["lm_eval/tiny_mc/acc"]) for row in rows if "lm_eval/tiny_mc/acc" in row]
+    # Before training, after each validation (steps 2 and 4), and not again at fit end (step 4 was scored).
+    assert [step for step, _ in logged] == [0, 2, 4]
+    [record] = json.loads((folder / "lm_eval.json").read_text())["tasks"]
+    assert (record["base"], record["adapter"]) == (logged[0][1], logged[-1][1])
+    [report] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lm-eval before and after")]
+    assert re.search(rf"tiny_mc\s+acc ↑\s+{logged[0][1]:.4f} ± [0-9.]+\s+{logged[-1][1]:.4f}", report), report
 
 
 def test_callback_checks_its_tasks_when_built(tmp_path):

@@ -61,7 +61,7 @@ def test_list_shows_every_repo_with_its_latest_version_not_yanked(registry):
     result = lpeft("list", "--registry", registry)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["REPO", "VERSION", "BASE", "METHOD", "SIZE", "LICENSE"]
+    assert lines[0].split() == ["REPO", "VERSION", "BASE", "METHOD", "SIZE", "LICENSE", "SCORES"]
     assert lines[1].split()[:4] == ["acme/capitals", "1.0.0", "acme-labs/tiny", "LORA"]
     assert lines[-1] == "acme/capitals 1.1.0 is yanked: broken tokenizer"
 
@@ -116,3 +116,25 @@ def test_hub_search_asks_list_models_for_the_base_and_skips_repos_without_a_mani
     assert [s.repo_id for s in search(base="other-labs/tiny", registry=hub.url)] == ["acme/ia3"]
     assert hub.model_filters == [["peft", "lightning-peft", "base_model:adapter:other-labs/tiny"]]
     assert [s.repo_id for s in list_adapters(registry=hub.url)] == ["acme/ia3"]
+
+
+def test_search_shows_the_harness_scores_the_run_recorded(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    score = {"task": "capitals", "metric": "right_capital", "filter": "none", "higher_is_better": True,
+             "base": 0.7083, "adapter": 0.75, "dataset": "json", "dataset_config": None, "split": "validation"}  # fmt: skip
+    (run / "lm_eval.json").write_text(json.dumps({"tasks": [score]}))
+    registry = str(tmp_path / "registry")
+    adapter = make_adapter(run / "adapter", tiny_model_dir)
+    result = lpeft("publish", adapter, "acme/scored", "--registry", registry, "--base-model-id", "acme-labs/tiny",
+                   "--no-verify")  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    [found] = search("scored", registry=registry)
+    assert [(s.task, s.metric, s.base, s.adapter) for s in found.scores] == [
+        ("capitals", "right_capital", 0.7083, 0.75)
+    ]
+    table = lpeft("search", "scored", "--registry", registry).stdout.splitlines()
+    assert table[1].endswith("capitals/right_capital 0.708 → 0.750"), table
+    [listed] = json.loads(lpeft("list", "--registry", registry, "--json").stdout)
+    assert listed["scores"] == [score]

@@ -1,9 +1,10 @@
 """`LmEvalCallback`: lm-evaluation-harness tasks on the base before training and on the adapter when it ends.
 
 The scores go to every logger of the run (so `metrics.jsonl`, TensorBoard, W&B ... hold them) under
-`lm_eval/<task>/<metric>`: the base's at step 0, the adapter's at the last step. The metric's history is then the
-before/after comparison. At the end the pair is also written to `<run folder>/lm_eval.json` (each task's metrics,
-base and adapter values and data set), which `lpeft publish` puts into the card and the manifest.
+`lm_eval/<task>/<metric>`: the base's at step 0, the adapter's at the last step (and, with `every_validation`, at
+each validation in between). The metric's history is then the before/after comparison. At the end the pair is
+printed side by side and written to `<run folder>/lm_eval.json` (each task's metrics, base and adapter values and
+data set), which `lpeft publish` puts into the card and the manifest.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class LmEvalCallback(L.Callback):
         batch_size: Requests per forward pass.
         chat: Render prompts with the tokenizer's chat template (the run's `data.chat_template` when it set one).
         before: Also score the base model (the adapter switched off) when fit starts.
+        every_validation: Also score the adapter after each validation run (not the sanity check), so the
+            metric history shows when the tasks improved or regressed, not only where training ended.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class LmEvalCallback(L.Callback):
         batch_size: int = 8,
         chat: bool = False,
         before: bool = True,
+        every_validation: bool = False,
     ) -> None:
         from lightning_peft.evaluation import resolve_tasks
 
@@ -55,6 +59,8 @@ class LmEvalCallback(L.Callback):
             chat=chat,
         )
         self.before_fit = before
+        self.every_validation = every_validation
+        self._scored_step: int | None = None  # the step of the last score, so fit end does not repeat it
         self.before: dict[str, Any] = {}
         self.after: dict[str, Any] = {}
 
@@ -74,17 +80,31 @@ class LmEvalCallback(L.Callback):
             self._log(trainer, self.before, step=0)
 
     @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._score_adapter(trainer, pl_module)
+
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning_peft.atomic import write_text
-        from lightning_peft.evaluation.report import before_after
+        from lightning_peft.evaluation import metric_rows
+        from lightning_peft.evaluation.report import before_after, format_table
         from lightning_peft.run_files import LM_EVAL_FILE
         from lightning_peft.run_folder import run_dir
 
-        self.after = self._evaluate(pl_module)
-        self._log(trainer, self.after, step=trainer.global_step)
+        if self._scored_step != trainer.global_step:  # a validation at the last step already scored it
+            self._score_adapter(trainer, pl_module)
         # The pair, with each task's data set, for `lpeft publish` (the card's model-index and table).
         records = before_after(self.before or None, self.after)
         write_text(run_dir(trainer) / LM_EVAL_FILE, json.dumps({"tasks": records}, indent=2) + "\n")
+        results = {"before": self.before, "after": self.after} if self.before else {"after": self.after}
+        table = format_table(metric_rows(results), list(results))
+        log.info("lm-eval before and after training (%s):\n%s", run_dir(trainer) / LM_EVAL_FILE, table)
+
+    def _score_adapter(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.after = self._evaluate(pl_module)
+        self._scored_step = trainer.global_step
+        self._log(trainer, self.after, step=trainer.global_step)
 
     def _evaluate(self, pl_module: L.LightningModule) -> dict[str, Any]:
         from lightning_peft.evaluation import evaluate

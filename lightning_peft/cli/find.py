@@ -13,7 +13,7 @@ import click
 from lightning_peft.cli.guard import run_showing_warnings
 from lightning_peft.cli.hub import REGISTRY_HELP
 
-_COLUMNS = ("REPO", "VERSION", "BASE", "METHOD", "SIZE", "LICENSE")
+_COLUMNS = ("REPO", "VERSION", "BASE", "METHOD", "SIZE", "LICENSE", "SCORES")
 
 
 @click.command(name="list")
@@ -76,11 +76,21 @@ def _show(found: list[Any], *, as_json: bool, base: str | None) -> None:
 def _row(summary: Any, *, with_weights: bool) -> tuple[str, ...]:
     version = f"{summary.version} (yanked)" if summary.version in summary.yanked else summary.version
     cells = (summary.repo_id, version, summary.base_model or "-", summary.method, _size(summary.size))
-    cells += (summary.license or "-",)
+    cells += (summary.license or "-", _scores(summary.scores))
     if with_weights:
         weights = {True: "same", False: "DIFFERENT", None: "not checked"}[summary.base_matches]
         cells += (weights,)
     return cells
+
+
+def _scores(scores: Any) -> str:
+    """The recorded harness scores, compact: `capitals/right_capital 0.708 → 0.750`, `;`-separated."""
+    shown = []
+    for score in scores:
+        metric = score.metric if score.filter in (None, "none") else f"{score.metric} ({score.filter})"
+        values = " → ".join("-" if v is None else f"{v:.3f}" for v in (score.base, score.adapter))
+        shown.append(f"{score.task}/{metric} {values}")
+    return "; ".join(shown) or "-"
 
 
 def _size(size: int) -> str:

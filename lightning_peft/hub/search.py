@@ -39,6 +39,8 @@ class AdapterSummary:
     fingerprint: str  # of the base it was trained on
     yanked: dict[str, str] = field(default_factory=dict)  # version → reason, for every yanked version
     base_matches: bool | None = None  # with `base` on this machine: whether it was trained on those weights
+    # The harness scores its run recorded (LmEvalCallback): task, metric, base and adapter values.
+    scores: tuple[manifest_lib.HarnessScore, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -117,6 +119,7 @@ def _summary(registry: Registry, repo_id: str) -> AdapterSummary | None:
         message=manifest.message,
         fingerprint=manifest.base_model.fingerprint,
         yanked={str(i.version): i.yanked for i in infos if i.yanked},
+        scores=manifest.harness,
     )
 
 
