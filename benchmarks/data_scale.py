@@ -10,10 +10,12 @@ chat template) in a temporary folder, then measures each preparation in a fresh 
   `apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)` per row (TRL's
   `assistant_only_loss`), with `num_proc` processes, then the first batch of 4 rows padded.
 
-Figures: seconds from process start to the first batch (imports included), tokens per second of the cold
-preparation, the peak resident memory of the process and its workers together (sampled every 0.1 s with psutil),
-and the cache size on disk against the bytes of the tokens it holds (2 bytes per token, SmolLM2's vocabulary fits
-uint16). The table is printed; the figures go to benchmarks/results/data_scale.json.
+Figures: seconds from process start to the first batch (imports included); tokens per second of the cold
+preparation, per wall-clock second and per CPU second (other load on the machine lengthens wall times, hardly CPU
+times); the peak memory of the process and its workers together (proportional set size, so pages that forked
+workers share count once; sampled every 0.1 s with psutil); and the cache size on disk against the bytes of the
+tokens it holds (2 bytes per token: SmolLM2's vocabulary fits uint16). The table is printed; the figures go to
+benchmarks/results/data_scale.json.
 """
 
 from __future__ import annotations
@@ -141,14 +143,18 @@ def child_datasets(file: str, num_proc: int | None, start: float) -> dict:
 
 
 def run_child(kind: str, file: Path, cache: Path, num_proc: int | None) -> dict:
-    """One preparation in a fresh process; its figures plus the peak RSS of the process tree."""
+    """One preparation in a fresh process; its figures, the peak memory of the process tree (PSS: pages shared by
+    forked workers count once) and the CPU seconds it used (robust to other load on the machine, unlike wall time)."""
+    import resource
+
     import psutil
 
     env = {**os.environ, "LPEFT_DATA_CACHE": str(cache / "lpeft"), "HF_DATASETS_CACHE": str(cache / "datasets")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     command = [sys.executable, __file__, "--child", kind, "--file", str(file), "--start", str(time.time())]
     if num_proc is not None:
         command += ["--num-proc", str(num_proc)]
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
 
@@ -158,7 +164,7 @@ def run_child(kind: str, file: Path, cache: Path, num_proc: int | None) -> dict:
         while not done.is_set():
             try:
                 tree = [parent, *parent.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                peak = max(peak, sum(_memory(p) for p in tree if p.is_running()))
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -170,7 +176,15 @@ def run_child(kind: str, file: Path, cache: Path, num_proc: int | None) -> dict:
     sampler.join()
     if process.returncode:
         raise SystemExit(f"{kind} preparation failed (exit {process.returncode})")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": peak / 2**20}
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_memory_mb": peak / 2**20, "cpu_s": cpu}
+
+
+def _memory(process) -> int:
+    """Proportional set size where the OS reports it (Linux), else resident set size."""
+    info = process.memory_full_info()
+    return getattr(info, "pss", info.rss)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -192,6 +206,7 @@ def measure(rows: int, num_proc: int | None, kinds: list[str], workdir: Path) ->
             "cold": cold,
             "warm": warm,
             "tokens_per_s": cold["tokens"] / cold["prepared_s"],
+            "tokens_per_cpu_s": cold["tokens"] / cold["cpu_s"],
             "cache_mb": size / 2**20,
             "cache_over_token_bytes": size / (2 * cold["tokens"]),
         }
@@ -202,15 +217,17 @@ def table(results: dict) -> str:
     head = (
         f"{results['rows']:,} conversations ({results['file_mb']:.0f} MB of JSON Lines), num_proc={results['num_proc']}"
     )
-    lines = [head, "", "| | cold: first batch (s) | warm: first batch (s) | tokens/s (cold) | peak RSS cold (MB) |"
-             " peak RSS warm (MB) | cache (MB) | cache / token bytes |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [head, "", "| | cold: first batch (s) | warm: first batch (s) | tokens/s (cold) | tokens per CPU-s (cold) |"
+             " peak memory cold (MB) | peak memory warm (MB) | cache (MB) | cache / token bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind in ("lpeft", "datasets"):
         if kind in results:
             r = results[kind]
             lines.append(
                 f"| {'lightning-peft' if kind == 'lpeft' else 'datasets.map (TRL)'} | {r['cold']['first_batch_s']:.1f} "
-                f"| {r['warm']['first_batch_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['cold']['peak_rss_mb']:,.0f} "
-                f"| {r['warm']['peak_rss_mb']:,.0f} | {r['cache_mb']:,.0f} | {r['cache_over_token_bytes']:.2f} |"
+                f"| {r['warm']['first_batch_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_cpu_s']:,.0f} "
+                f"| {r['cold']['peak_memory_mb']:,.0f} | {r['warm']['peak_memory_mb']:,.0f} | {r['cache_mb']:,.0f} "
+                f"| {r['cache_over_token_bytes']:.2f} |"
             )
     return "\n".join(lines)
 
