@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -166,17 +167,15 @@ def _run_ordered(job: TokenizeJob, chunks: Sequence[RowChunk], workers: int) -> 
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_set_job, initargs=(job,))
     pending: deque[Future] = deque()
+    queue = iter(chunks)
     try:
-        queue = iter(chunks)
-        for chunk in queue:
+        # At most two chunks per worker in flight: one being tokenized, one waiting, and memory stays flat.
+        for chunk in islice(queue, 2 * workers):
             pending.append(pool.submit(_run_job, chunk))
-            if len(pending) >= 2 * workers:
-                break
         while pending:
             result = pending.popleft().result()
-            for chunk in queue:
+            if (chunk := next(queue, None)) is not None:
                 pending.append(pool.submit(_run_job, chunk))
-                break
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
