@@ -30,7 +30,10 @@ def rows(n: int = 23) -> list[dict]:
     for i in range(n):
         user = "q" * (80 if i % 7 == 3 else int(rng.integers(1, 12)))  # every 7th row: no answer token fits
         messages = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": "a" * int(rng.integers(1, 40))}]
+        messages += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": "a" * int(rng.integers(1, 40))},
+        ]
         if i % 4 == 1:
             messages += [{"role": "user", "content": "more"}, {"role": "assistant", "content": f"answer {i}"}]
         out.append({"messages": messages})
@@ -42,7 +45,7 @@ def jsonl(tmp_path):
     path = tmp_path / "train.jsonl"
     # A blank line and a byte-order mark: line numbers and the first row must survive the byte-range chunks.
     lines = [json.dumps(row) for row in rows()]
-    path.write_text("\ufeff" + "\n".join(lines[:5] + [""] + lines[5:]) + "\n", encoding="utf-8")
+    path.write_text("\ufeff" + "\n".join([*lines[:5], "", *lines[5:]]) + "\n", encoding="utf-8")
     return path
 
 
