@@ -40,6 +40,12 @@ def rows(n: int = 23) -> list[dict]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """A cache folder per test: the tests below look at the one entry their data makes."""
+    monkeypatch.setenv("LPEFT_DATA_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def jsonl(tmp_path):
     path = tmp_path / "train.jsonl"
