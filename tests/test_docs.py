@@ -35,7 +35,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--nodes", "--ntasks-per-node", "--gpus-per-node",  # SLURM
     "--no-deps",  # pip
     "--max-lora-rank",  # vLLM
-    "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
+    "--mode", "--threads", "--systems", "--parts", "--dry-run", "--rows",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.

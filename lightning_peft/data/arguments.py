@@ -39,9 +39,10 @@ def validate_arguments(**args: Any) -> tuple[dict[str, DataSource], list[DataSou
             resolve_chat_template(args["chat_template"])
         except ConfigError as err:
             problems.append(str(err))
-    for name, least in (("max_length", 2), ("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0)):
+    limits = (("max_length", 2), ("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0), ("num_proc", 1))
+    for name, least in limits:
         value = args[name]
-        if value is None and name == "val_batch_size":
+        if value is None and name in ("val_batch_size", "num_proc"):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             problems.append(f"`{name}`={value!r} must be an integer of at least {least}")

@@ -1,9 +1,10 @@
 """The on-disk cache of tokenized data, so a second run (and every DDP rank after the first) skips tokenizing.
 
-An entry is one safetensors file of flat integer arrays (never a pickle) named by the sha256 of everything that
-changes the result: the data bytes (for a Hub data set: its id, subset, split, revision, commit and fingerprint),
-the format settings, the tokenizer and `CACHE_VERSION`. Entries are written to a temporary file and renamed, so a
-crash never leaves half a file, and a file lock lets one process tokenize while the others wait for its result.
+An entry is one safetensors file of flat integer arrays (never a pickle, see `token_file.py`) named by the sha256
+of everything that changes the result: the data bytes (for a Hub data set: its id, subset, split, revision, commit
+and fingerprint), the format settings, the tokenizer and `CACHE_VERSION`. Entries are written chunk by chunk to a
+temporary file and renamed, so a crash never leaves half a file, and a file lock lets one process tokenize while
+the others wait for its result. Entries are opened memory-mapped: a warm start reads the index, not the tokens.
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lightning_peft.atomic import staged_file
+from lightning_peft.data import token_file
 from lightning_peft.data.readers import require_exists
 from lightning_peft.data.tokenized import TokenizedData
 
 log = logging.getLogger(__name__)
 
 # Bump whenever the arrays or the labelling rules change, so old entries are no longer found.
-CACHE_VERSION = 1
-_ARRAYS = ("input_ids", "labels", "offsets", "record_index", "truncated", "dropped")
+# 2: uint16 token ids, a packed loss mask instead of labels, written in chunks and memory-mapped.
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -42,10 +42,11 @@ def cached(
     path: str | Path,
     settings: Mapping[str, Any],
     tokenizer: Any,
-    build: Callable[[], TokenizedData],
+    build: Callable[[], Iterable[TokenizedData]],
     digest: str | None = None,
 ) -> TokenizedData:
-    """The cached result for these inputs, or `build()`'s result, stored for the next run.
+    """The cached result for these inputs, or the concatenation of the parts `build()` yields, stored for the next
+    run and opened memory-mapped (the parts are written as they come: they need not fit in memory together).
 
     `digest` identifies data that is not a local file (a Hub data set: see `hub_datasets.HubData.digest`); `path`
     then only names it in the logs.
@@ -60,9 +61,11 @@ def cached(
         with FileLock(str(target) + ".lock"):
             data = _load(target)
             if data is None:
-                data = build()
-                _save(target, data)
+                _save(target, build())
                 log.debug("Cached the tokenized %s in %s", Path(path).name, target)
+                data = _load(target)
+                if data is None:
+                    raise OSError(f"The data cache entry {target} just written cannot be read back.")
                 return data
     log.debug("Loaded the tokenized %s from the cache (%s)", Path(path).name, target)
     data.from_cache = True
@@ -107,31 +110,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save(target: Path, data: TokenizedData) -> None:
-    from safetensors.numpy import save_file
-
-    arrays = {name: np.ascontiguousarray(getattr(data, name)) for name in _ARRAYS}
-    arrays["truncated"] = arrays["truncated"].astype(np.uint8)
-    metadata = {"n_records": str(data.n_records), "format": data.format, "version": str(CACHE_VERSION)}
+def _save(target: Path, parts: Iterable[TokenizedData]) -> None:
     with staged_file(target) as staging:
-        save_file(arrays, str(staging), metadata=metadata)
+        token_file.write(staging, parts, {"version": str(CACHE_VERSION)})
 
 
 def _load(target: Path) -> TokenizedData | None:
     if not target.exists():
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(target), framework="np") as handle:
-            metadata = handle.metadata() or {}
-            arrays = {name: handle.get_tensor(name) for name in _ARRAYS}
-        return TokenizedData(
-            **{name: arrays[name] for name in _ARRAYS if name != "truncated"},
-            truncated=arrays["truncated"].astype(bool),
-            n_records=int(metadata["n_records"]),
-            format=metadata["format"],
-        )
+        data, metadata = token_file.read(target)
+        if metadata.get("version") != str(CACHE_VERSION):
+            raise ValueError(f"version {metadata.get('version')}, expected {CACHE_VERSION}")
+        return data
     except Exception as err:  # a damaged entry is rebuilt rather than trusted
         log.warning("Ignoring the unreadable data cache entry %s (%s); tokenizing again.", target, err)
         return None

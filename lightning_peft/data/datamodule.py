@@ -31,9 +31,10 @@ from lightning_peft.data.collate import (
 from lightning_peft.data.hub_datasets import load_hub_dataset
 from lightning_peft.data.mixing import mix, planned_count
 from lightning_peft.data.packing import ExampleDataset, PackedDataset, PromptDataset
+from lightning_peft.data.preparation import prepare_file
 from lightning_peft.data.readers import require_exists
 from lightning_peft.data.sources import DataSource, describe
-from lightning_peft.data.tokenization import TokenizedPrompts, prepare_file, prepare_prompts
+from lightning_peft.data.tokenization import TokenizedPrompts, prepare_prompts
 from lightning_peft.data.tokenized import TokenizedData
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.options import DataFormat
@@ -78,6 +79,9 @@ class SFTDataModule(LightningDataModule):
         batch_size: examples (or packed rows) per training batch.
         val_batch_size: per validation and prediction batch; default `batch_size`.
         num_workers: dataloader worker processes.
+        num_proc: processes that read, render and tokenize the data when it is not in the cache yet; default: the
+            CPU cores available. Only one process per machine prepares (DDP ranks wait for its cache entry); the
+            result does not depend on it.
         seed: seed of the validation split and of the shuffles.
         tokenizer: the tokenizer's model name or path (given to `lightning_peft.models.load_tokenizer`); from
             Python a tokenizer object is accepted too. The `lpeft` CLI links it to `model.model_name_or_path`.
@@ -125,6 +129,7 @@ class SFTDataModule(LightningDataModule):
         predict_file: Source | None = None,
         test_file: Source | None = None,
         train_datasets: list[Source] | None = None,
+        num_proc: int | None = None,
     ) -> None:
         super().__init__()
         # The sources as parsed: `sources` by setting name, `mixture` the entries of train_datasets.
@@ -142,6 +147,7 @@ class SFTDataModule(LightningDataModule):
             batch_size=batch_size,
             val_batch_size=val_batch_size,
             num_workers=num_workers,
+            num_proc=num_proc,
             chat_template=chat_template,
         )
         # A tokenizer object is not a hyperparameter (and should not be pickled into checkpoints); its name is.
@@ -154,7 +160,7 @@ class SFTDataModule(LightningDataModule):
         self.max_length, self.truncation, self.train_on_prompt = max_length, truncation, train_on_prompt
         self.packing, self.group_by_length = packing, group_by_length
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.seed, self.cache = num_workers, seed, cache
+        self.num_workers, self.seed, self.cache, self.num_proc = num_workers, seed, cache, num_proc
         self.chat_template = chat_template
         self._templated: Any = None  # the tokenizer `chat_template` was applied to
         self.tokenizer_name = tokenizer if isinstance(tokenizer, str) else None
@@ -372,6 +378,8 @@ class SFTDataModule(LightningDataModule):
             cache=self.cache,
             read=read,
             digest=digest,
+            num_proc=self.num_proc,
+            progress=getattr(rank_zero_only, "rank", 0) == 0,
         )
         if fmt == "auto":
             _info("Detected the data format %r in %s", data.format, path)

@@ -141,6 +141,11 @@ def render_records(
     return fmt, _render_each(records, mapping, roles, _renderer(fmt, tokenizer, train_on_prompt))
 
 
+def training_format(records: Records, fmt: str, mapping: Mapping[str, str]) -> str:
+    """`fmt`, or for "auto" the training format the columns of the first record call for (see `render_records`)."""
+    return _resolve_format(records, fmt, mapping, REQUIRED)
+
+
 def render_prompts(
     records: Records, fmt: str, mapping: Mapping[str, str], tokenizer: Any, roles: Mapping[str, str] | None = None
 ) -> tuple[str, list[Prompt]]:

@@ -45,7 +45,7 @@ def mix(parts: Sequence[TokenizedData], sources: Sequence[DataSource], seed: int
     Raises:
         DataError: a source's weight leaves it no example.
     """
-    ids, labels, lengths, records, truncated = [], [], [], [], []
+    examples, records, truncated = [], [], []
     for i, (part, source) in enumerate(zip(parts, sources, strict=True)):
         wanted = planned_count(source, len(part))
         if wanted < 1:
@@ -55,24 +55,20 @@ def mix(parts: Sequence[TokenizedData], sources: Sequence[DataSource], seed: int
             )
         # One generator per source, seeded by (seed, position): adding a source does not reshuffle the others.
         chosen = pick(len(part), wanted, np.random.default_rng([seed, i]))
-        for j in chosen:
-            x, y = part.example(int(j))
-            ids.append(x)
-            labels.append(y)
-            lengths.append(len(x))
+        examples.extend(part.example(int(j)) for j in chosen)
         records.append(np.stack([np.full(len(chosen), i), part.record_index[chosen]], axis=1))
         truncated.append(part.truncated[chosen])
     pairs = np.concatenate(records)
     _, dense = np.unique(pairs, axis=0, return_inverse=True)
     formats = {part.format for part in parts}
-    return TokenizedData(
-        input_ids=np.concatenate(ids).astype(np.int32),
-        labels=np.concatenate(labels).astype(np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        record_index=dense.reshape(-1).astype(np.int64),
-        truncated=np.concatenate(truncated),
-        dropped=np.zeros(0, np.int64),  # each part reports its own dropped examples before mixing
+    mixed = TokenizedData.from_examples(
+        examples,
+        dense.reshape(-1),
+        np.concatenate(truncated),
+        [],  # each part reports its own dropped examples before mixing
         n_records=int(dense.max()) + 1,
         format=formats.pop() if len(formats) == 1 else "mixed",
-        from_cache=all(part.from_cache for part in parts),
+        dtype=np.result_type(*(part.input_ids.dtype for part in parts)),
     )
+    mixed.from_cache = all(part.from_cache for part in parts)
+    return mixed

@@ -61,9 +61,14 @@ def read_records(path: str | Path) -> Records:
         records = _read_saved_dataset(path) if path.is_dir() else _read_file(path)
     except UnicodeDecodeError as err:
         raise DataError(f"{path.name}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8.") from None
-    if not records.rows:
-        raise DataError(f"{path} holds no examples; give a file with at least one row.")
+    require_rows(path, len(records.rows))
     return records
+
+
+def require_rows(path: str | Path, rows: int) -> None:
+    """Raises `DataError` when a data file holds no row."""
+    if not rows:
+        raise DataError(f"{path} holds no examples; give a file with at least one row.")
 
 
 def require_exists(path: str | Path, setting: str = "data.train_file/val_file") -> Path:
@@ -88,26 +93,105 @@ def _read_file(path: Path) -> Records:
 
 
 def _read_jsonl(path: Path) -> Records:
+    return read_jsonl_range(path, 0, path.stat().st_size, 1)
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """A run of consecutive rows of one data source: a byte range of a JSON Lines file, or rows already read.
+
+    Attributes:
+        first_row: the index, in the whole source, of the chunk's first row.
+        n_rows: how many rows it holds.
+        path: the JSON Lines file whose bytes [start, end) hold the rows (when `records` is None).
+        first_line: the 1-based line number of byte `start`.
+        records: the rows themselves, for sources that are read whole.
+    """
+
+    first_row: int
+    n_rows: int
+    path: Path | None = None
+    start: int = 0
+    end: int = 0
+    first_line: int = 1
+    records: Records | None = None
+
+    def read(self) -> Records:
+        """The chunk's rows; their `where` names the lines (or indices) of the whole file."""
+        if self.records is not None:
+            return self.records
+        assert self.path is not None
+        return read_jsonl_range(self.path, self.start, self.end, self.first_line)
+
+
+def jsonl_chunks(path: Path, rows: int) -> list[RowChunk]:
+    """Byte ranges of `rows` non-blank lines each, found by one pass over the bytes (nothing is parsed)."""
+    chunks, start, position, line, first_line, count, first_row = [], 0, 0, 0, 1, 0, 0
+    with path.open("rb") as handle:
+        for raw in handle:
+            line += 1
+            position += len(raw)
+            count += bool(raw.strip())
+            if count == rows:
+                chunks.append(RowChunk(first_row, count, path, start, position, first_line))
+                first_row, count, start, first_line = first_row + count, 0, position, line + 1
+    if count:
+        chunks.append(RowChunk(first_row, count, path, start, position, first_line))
+    return chunks
+
+
+def records_chunks(records: Records, rows: int) -> list[RowChunk]:
+    """Slices of `rows` rows of records already read, each still naming its rows as the whole file does."""
+    numbers = records.numbers or list(range(len(records.rows)))
+    return [
+        RowChunk(i, len(part), records=Records(records.path, part, records.unit, numbers[i : i + rows]))
+        for i in range(0, len(records.rows), rows)
+        if (part := records.rows[i : i + rows])
+    ]
+
+
+def read_jsonl_range(path: Path, start: int, end: int, first_line: int) -> Records:
+    """The rows of bytes [start, end) of a JSON Lines file whose byte `start` begins line `first_line`."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            data = handle.read(end - start)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror}).") from None
+    try:
+        # utf-8-sig drops a byte-order mark that Windows tools like to write at the start of a file.
+        text = data.decode("utf-8-sig" if start == 0 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path.name}: not UTF-8 text (byte {start + err.start}: {err.reason}); save it as UTF-8."
+        ) from None
     rows, numbers = [], []
-    with _open_text(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path.name} line {number}: malformed JSON ({err.msg} at column {err.colno}); "
-                    "each line must hold one JSON object."
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}; "
-                    'each line must hold one JSON object such as {"text": ...}.'
-                )
-            rows.append(row)
-            numbers.append(number)
+    for number, line in enumerate(text.split("\n"), start=first_line):
+        if not line.strip(_ASCII_SPACE):
+            continue
+        rows.append(_json_object(path, line, number))
+        numbers.append(number)
     return Records(path, rows, "line", numbers)
+
+
+# What `bytes.strip()` removes: the chunk scanner and the parser must agree on which lines are blank.
+_ASCII_SPACE = " \t\n\r\x0b\x0c"
+
+
+def _json_object(path: Path, line: str, number: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path.name} line {number}: malformed JSON ({err.msg} at column {err.colno}); "
+            "each line must hold one JSON object."
+        ) from None
+    if not isinstance(row, dict):
+        raise DataError(
+            f"{path.name} line {number}: expected a JSON object, got {type(row).__name__}; "
+            'each line must hold one JSON object such as {"text": ...}.'
+        )
+    return row
 
 
 def _read_json(path: Path) -> Records:

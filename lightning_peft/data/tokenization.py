@@ -1,4 +1,4 @@
-"""Rendered text → token ids and labels; truncation and dropping; one data file end to end through the cache.
+"""Rendered text → token ids and labels; truncation and dropping (`preparation.py` runs it over whole files).
 
 Prompts for generation (`prepare_prompts`) go through the same encoder, without labels, cache or dropping: a prompt
 that is too long loses its start (left truncation keeps the text that the answer continues).
@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from lightning_peft.data import cache as data_cache
 from lightning_peft.data.formats import Prompt, Rendered
 from lightning_peft.data.readers import Records
-from lightning_peft.data.tokenized import TokenizedData
+from lightning_peft.data.tokenized import TokenizedData, token_dtype
 from lightning_peft.errors import ConfigError, DataError
 from lightning_peft.labels import IGNORE_INDEX
 
@@ -55,7 +54,7 @@ def tokenize_rendered(
     eos = tokenizer.eos_token_id
     if eos is None and any(r.append_eos for r in rendered):
         raise ConfigError("The tokenizer has no EOS token to end each example with; set `tokenizer.eos_token`.")
-    ids_out, labels_out, records, truncated, dropped = [], [], [], [], []
+    examples, records, truncated, dropped = [], [], [], []
     for start in range(0, len(rendered), _BATCH):
         chunk = rendered[start : start + _BATCH]
         for j, (ids, offsets) in enumerate(_encode(tokenizer, chunk)):
@@ -72,11 +71,11 @@ def tokenize_rendered(
             if not (labels != IGNORE_INDEX).any():
                 dropped.append(i)
                 continue
-            ids_out.append(ids)
-            labels_out.append(labels)
+            examples.append((ids, labels))
             records.append(i)
             truncated.append(too_long)
-    return _pack_arrays(ids_out, labels_out, records, truncated, dropped, len(rendered), fmt)
+    dtype = token_dtype(len(tokenizer))
+    return TokenizedData.from_examples(examples, records, truncated, dropped, len(rendered), fmt, dtype)
 
 
 def _require_fast(tokenizer: Any) -> None:
@@ -127,66 +126,6 @@ def _label(
     if len(labels):
         labels[0] = IGNORE_INDEX
     return ids_arr, labels
-
-
-def _pack_arrays(ids, labels, records, truncated, dropped, n_records, fmt) -> TokenizedData:
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    return TokenizedData(
-        input_ids=np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
-        labels=np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        record_index=np.asarray(records, dtype=np.int64),
-        truncated=np.asarray(truncated, dtype=bool),
-        dropped=np.asarray(dropped, dtype=np.int64),
-        n_records=n_records,
-        format=fmt,
-    )
-
-
-def prepare_file(
-    path: str,
-    *,
-    fmt: str,
-    columns: Mapping[str, str],
-    max_length: int,
-    truncation: bool,
-    train_on_prompt: bool,
-    tokenizer: Any,
-    cache: bool = True,
-    read: Callable[[], Records] | None = None,
-    digest: str | None = None,
-    roles: Mapping[str, str] | None = None,
-) -> TokenizedData:
-    """Read, render and tokenize one data file, or load the result of an earlier run from the cache.
-
-    Data that is not a local file (a Hub data set) comes with its own `read` (the records) and `digest` (its cache
-    identity, see `hub_datasets.HubData`); `path` then only names it.
-
-    Raises:
-        DataError: the file is missing or malformed, or an example is too long with truncation off.
-    """
-    from lightning_peft.data.readers import read_records
-
-    settings = dict(
-        format=fmt,
-        columns=dict(sorted(columns.items())),
-        max_length=max_length,
-        truncation=truncation,
-        train_on_prompt=train_on_prompt,
-        # Only when given: the cache entries of data without a role mapping keep their keys.
-        **({"roles": dict(sorted(roles.items()))} if roles else {}),
-    )
-
-    def build() -> TokenizedData:
-        from lightning_peft.data.formats import render_records
-
-        records = read() if read is not None else read_records(path)
-        used, rendered = render_records(records, fmt, columns, tokenizer, train_on_prompt, roles)
-        return tokenize_rendered(rendered, tokenizer, max_length, truncation, used, records.where)
-
-    if not cache:
-        return build()
-    return data_cache.cached(path, settings, tokenizer, build, digest)
 
 
 @dataclass
