@@ -33,6 +33,7 @@ from lightning_peft.models import (
     packed_examples_are_isolated,
 )
 from lightning_peft.options import QUANTIZATIONS, AttnImplementation, Optimizer, Quantization, Scheduler
+from lightning_peft.packed_attention import use_packed_attention
 from lightning_peft.run_folder import run_dir
 from lightning_peft.tokens import grow_embeddings, tokenizer_source, with_trainable_tokens
 
@@ -380,6 +381,7 @@ class PeftCausalLM(L.LightningModule):
             )
         datamodule = getattr(self.trainer, "datamodule", None)
         if getattr(datamodule, "packing", False):
+            self.use_packed_attention()
             self.check_packing_isolation()
 
     @override
@@ -403,6 +405,16 @@ class PeftCausalLM(L.LightningModule):
                 save_gathered_adapter(self.model, directory, self.tokenizer, state)
             log.info("Adapter saved to %s", directory)
         return directory
+
+    def use_packed_attention(self) -> bool:
+        """Attend packed rows one document at a time (`lightning_peft.packed_attention`), where the model allows it.
+
+        Fit calls it when `data.packing` is on; without it, transformers' sdpa path keeps a (T x T) mask per layer
+        for backward. Prompt learning keeps its backend (its virtual tokens need the mask). Returns whether it did.
+        """
+        if adapters.is_prompt_learning(self.peft_config):
+            return False
+        return use_packed_attention(self.model)
 
     def check_packing_isolation(self) -> None:
         """Refuse packing when this model/backend lets packed examples see each other.
