@@ -65,8 +65,10 @@ class PeftCausalLM(L.LightningModule):
             logits. Not used by a subclass that overrides `compute_loss` (it gets full logits), under FSDP2, or
             for a model whose logits are not its lm_head's output.
         attn_implementation: The transformers attention backend. `auto`: the best one the model class
-            implements (sdpa where it can, else eager: GPT-Neo, BLOOM, Gemma 2). A backend the class does not
-            implement is refused before loading.
+            implements (sdpa where it can, else eager: GPT-Neo, BLOOM, Gemma 2), and with `data.packing` an sdpa
+            model attends packed rows one document at a time (`lightning_peft.packed_attention`: memory linear
+            in the row length). `sdpa` keeps transformers' block-diagonal (T x T) mask for packed rows. A backend
+            the class does not implement is refused before loading.
         revision: Model revision when loading from the Hub.
         trust_remote_code: Allow model code from the Hub (only for models you trust).
         adapter_path: Start from this saved PEFT adapter folder (a previous run's `adapter/`, or any PEFT
@@ -410,9 +412,10 @@ class PeftCausalLM(L.LightningModule):
         """Attend packed rows one document at a time (`lightning_peft.packed_attention`), where the model allows it.
 
         Fit calls it when `data.packing` is on; without it, transformers' sdpa path keeps a (T x T) mask per layer
-        for backward. Prompt learning keeps its backend (its virtual tokens need the mask). Returns whether it did.
+        for backward. Prompt learning keeps its backend (its virtual tokens need the mask), and so does an explicit
+        `attn_implementation`. Returns whether it switched.
         """
-        if adapters.is_prompt_learning(self.peft_config):
+        if adapters.is_prompt_learning(self.peft_config) or self.hparams.attn_implementation not in (None, ATTN_AUTO):
             return False
         return use_packed_attention(self.model)
 
