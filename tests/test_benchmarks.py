@@ -166,6 +166,17 @@ def test_loss_memory_packs_rows_like_fit_and_compares_attention_paths(tiny_model
     assert "packed, per document" in loss_memory.table(rows)
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_packed_attention_benchmark_sees_the_mask_only_on_the_sdpa_path():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import packed_attention
+
+    sdpa, ours = packed_attention.measure(length=48, layers=1, steps=1, warmup=0)
+    assert (sdpa["attention"], ours["attention"]) == ("sdpa", "lpeft_packed")
+    assert sdpa["documents"] > sdpa["rows"] == 8  # several examples per packed row
+    assert sdpa["square"] > 0 and ours["square"] == 0 and ours["saved"] < sdpa["saved"]
+
+
 def test_gpu_script_dry_run_writes_results_with_agreeing_losses(tmp_path):
     """gpu.sh's Python path on the CPU with a tiny model: raw loop and lightning-peft on identical batches."""
     out = tmp_path / "results"
