@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_peft.models import packed_examples_are_isolated
+
 log = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "lpeft_packed"
@@ -195,5 +197,11 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
         log.info("Packed rows keep transformers' block-diagonal mask (quadratic in length): %s.", blocker)
         return False
     register()
+    previous = base.config._attn_implementation
     base.set_attn_implementation(PACKED_ATTENTION)
+    # A model class that does not hand position_ids to its attention function would now mix packed examples.
+    if not packed_examples_are_isolated(model, device=base.device):
+        base.set_attn_implementation(previous)
+        log.info("Packed rows keep transformers' block-diagonal mask: %s does not pass position_ids.", type(base))
+        return False
     return True

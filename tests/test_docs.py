@@ -36,7 +36,8 @@ OTHER_PROGRAMS_FLAGS = {
     "--no-deps",  # pip
     "--max-lora-rank",  # vLLM
     "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
-    "--max-length", "--rows", "--packed-attention", "--layers", "--steps",  # benchmarks/
+    "--max-length", "--rows", "--packed-attention", "--layers", "--steps", "--lengths", "--warmup",  # benchmarks/
+    "--examples", "--shape", "--timeout",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.

@@ -88,6 +88,7 @@ def test_per_document_attention_equals_the_masked_sdpa_path_and_is_what_runs(mon
     per_document = packed_attention._per_document
     monkeypatch.setattr(packed_attention, "_per_document", lambda *a: calls.append(1) or per_document(*a))
     use_packed_attention(model)
+    calls.clear()  # the switch's own isolation check attends per document too
     ours, _ = packed_loss(model, batch)
     assert len(calls) == model.config.num_hidden_layers
     assert_close_reordered(ours, masked, **TINY_FORWARD)
@@ -155,6 +156,7 @@ def test_sliding_window_models_keep_their_window(window, monkeypatch):
     per_document = packed_attention._per_document
     monkeypatch.setattr(packed_attention, "_per_document", lambda *a: calls.append(1) or per_document(*a))
     use_packed_attention(model)
+    calls.clear()
     got, _ = packed_loss(model, batch)
     assert_close_reordered(got, want, **TINY_FORWARD)
     assert bool(calls) == (window >= max(LENGTHS))  # a cut document takes the exact (quadratic) mask instead
@@ -174,6 +176,12 @@ def test_eager_models_and_prompt_learning_keep_their_attention(tiny_model_dir):
     assert prompt.model.get_base_model().config._attn_implementation == "sdpa"
 
 
+def test_a_model_that_would_mix_packed_examples_is_switched_back(monkeypatch):
+    model = build_family_model("llama")
+    monkeypatch.setattr(packed_attention, "packed_examples_are_isolated", lambda *a, **k: False)
+    assert not use_packed_attention(model) and model.config._attn_implementation == "sdpa"
+
+
 class PackedData(L.LightningDataModule):
     """Two packed batches, flagged as packing the way `SFTDataModule(packing=True)` is."""
 
@@ -185,10 +193,10 @@ class PackedData(L.LightningDataModule):
 
 
 def test_fit_on_packed_data_switches_to_per_document_attention(tiny_model_dir, tmp_path, monkeypatch):
-    calls = []
+    lengths = []  # of the rows attended per document
     per_document = packed_attention._per_document
-    monkeypatch.setattr(packed_attention, "_per_document", lambda *a: calls.append(1) or per_document(*a))
+    monkeypatch.setattr(packed_attention, "_per_document", lambda *a: lengths.append(a[1].shape[2]) or per_document(*a))
     module = PeftCausalLM(str(tiny_model_dir), adapter={"r": 4}, save_adapter_on_fit_end=False)
     quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=PackedData())
     assert module.model.get_base_model().config._attn_implementation == PACKED_ATTENTION
-    assert calls  # the training steps attended per document (the isolation check runs it too)
+    assert lengths.count(ROW) == 2 * 2  # two training steps, two layers (the isolation checks use shorter rows)
