@@ -37,7 +37,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--max-lora-rank",  # vLLM
     "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
     "--max-length", "--rows", "--packed-attention", "--layers", "--steps", "--lengths", "--warmup",  # benchmarks/
-    "--examples", "--shape", "--timeout",  # benchmarks/
+    "--examples", "--shape", "--timeout", "--gradient-checkpointing",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.
