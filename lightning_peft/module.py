@@ -33,6 +33,7 @@ from lightning_peft.models import (
     packed_examples_are_isolated,
 )
 from lightning_peft.options import QUANTIZATIONS, AttnImplementation, Optimizer, Quantization, Scheduler
+from lightning_peft.packed_attention import use_packed_attention
 from lightning_peft.run_folder import run_dir
 from lightning_peft.tokens import grow_embeddings, tokenizer_source, with_trainable_tokens
 
@@ -64,8 +65,10 @@ class PeftCausalLM(L.LightningModule):
             logits. Not used by a subclass that overrides `compute_loss` (it gets full logits), under FSDP2, or
             for a model whose logits are not its lm_head's output.
         attn_implementation: The transformers attention backend. `auto`: the best one the model class
-            implements (sdpa where it can, else eager: GPT-Neo, BLOOM, Gemma 2). A backend the class does not
-            implement is refused before loading.
+            implements (sdpa where it can, else eager: GPT-Neo, BLOOM, Gemma 2), and with `data.packing` an sdpa
+            model attends packed rows one document at a time (`lightning_peft.packed_attention`: memory linear
+            in the row length). `sdpa` keeps transformers' block-diagonal (T x T) mask for packed rows. A backend
+            the class does not implement is refused before loading.
         revision: Model revision when loading from the Hub.
         trust_remote_code: Allow model code from the Hub (only for models you trust).
         adapter_path: Start from this saved PEFT adapter folder (a previous run's `adapter/`, or any PEFT
@@ -380,6 +383,7 @@ class PeftCausalLM(L.LightningModule):
             )
         datamodule = getattr(self.trainer, "datamodule", None)
         if getattr(datamodule, "packing", False):
+            self.use_packed_attention()
             self.check_packing_isolation()
 
     @override
@@ -403,6 +407,17 @@ class PeftCausalLM(L.LightningModule):
                 save_gathered_adapter(self.model, directory, self.tokenizer, state)
             log.info("Adapter saved to %s", directory)
         return directory
+
+    def use_packed_attention(self) -> bool:
+        """Attend packed rows one document at a time (`lightning_peft.packed_attention`), where the model allows it.
+
+        Fit calls it when `data.packing` is on; without it, transformers' sdpa path keeps a (T x T) mask per layer
+        for backward. Prompt learning keeps its backend (its virtual tokens need the mask), and so does an explicit
+        `attn_implementation`. Returns whether it switched.
+        """
+        if adapters.is_prompt_learning(self.peft_config) or self.hparams.attn_implementation not in (None, ATTN_AUTO):
+            return False
+        return use_packed_attention(self.model)
 
     def check_packing_isolation(self) -> None:
         """Refuse packing when this model/backend lets packed examples see each other.

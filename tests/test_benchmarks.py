@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerance import TINY_FORWARD, reordering_tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `benchmarks.harness` is run from the repository root, not installed
@@ -145,6 +146,35 @@ def test_loss_memory_measures_each_loss_path_and_the_floor(tiny_model_dir):
     lines = loss_memory.comparisons(rows)
     assert any("chunked peak RSS" in line and "the most any loss path could save" in line for line in lines)
     assert "no loss head (floor)" in loss_memory.table(rows)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_loss_memory_packs_rows_like_fit_and_compares_attention_paths(tiny_model_dir):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import loss_memory
+
+    batch = loss_memory.packed_batch(rows=2, length=64, vocab=200)
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape == (2, 64)
+    assert (batch["position_ids"][:, 1:] == 0).any()  # several examples per row
+    common = dict(model=str(tiny_model_dir), quantization="none", gradient_checkpointing=False, batch=2, length=64)
+    common.update(rank=4, steps=1, malloc="mmap", rows="packed", chunk_size=0, floor=False)
+    rows = [loss_memory.measure({**common, "packed_attention": on}) for on in (False, True)]
+    assert [r["attention"] for r in rows] == ["sdpa", "lpeft_packed"]
+    bound = reordering_tolerance(**TINY_FORWARD) * rows[0]["loss"]  # a mean over tokens of equal logits
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) <= bound and rows[0]["loss"] > 1
+    assert any("per-document attention peak RSS" in line for line in loss_memory.comparisons(rows))
+    assert "packed, per document" in loss_memory.table(rows)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_packed_attention_benchmark_sees_the_mask_only_on_the_sdpa_path():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import packed_attention
+
+    sdpa, ours = packed_attention.measure(length=48, layers=1, steps=1, warmup=0)
+    assert (sdpa["attention"], ours["attention"]) == ("sdpa", "lpeft_packed")
+    assert sdpa["documents"] > sdpa["rows"] == 8  # several examples per packed row
+    assert sdpa["square"] > 0 and ours["square"] == 0 and ours["saved"] < sdpa["saved"]
 
 
 def test_gpu_script_dry_run_writes_results_with_agreeing_losses(tmp_path):

@@ -35,7 +35,9 @@ OTHER_PROGRAMS_FLAGS = {
     "--nodes", "--ntasks-per-node", "--gpus-per-node",  # SLURM
     "--no-deps",  # pip
     "--max-lora-rank",  # vLLM
-    "--mode", "--threads", "--systems", "--parts", "--dry-run", "--rows",  # benchmarks/
+    "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
+    "--max-length", "--rows", "--packed-attention", "--layers", "--steps", "--lengths", "--warmup",  # benchmarks/
+    "--examples", "--shape", "--timeout", "--gradient-checkpointing",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.

@@ -62,6 +62,16 @@ SYSTEMS: tuple[System, ...] = (
         model_options=(("loss_chunk_size", 0),),
         default=False,
     ),
+    # Before per-document attention: transformers' sdpa with its block-diagonal (T x T) mask on packed rows.
+    System(
+        "lpeft-lora-packed-sdpa-mask",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, attn_implementation: sdpa (a (T x T) mask per packed row)",
+        True,
+        group="lora-packed",
+        model_options=(("attn_implementation", "sdpa"),),
+        default=False,
+    ),
     System(
         "lpeft-lora-packed-raw-loss",
         "lpeft",
