@@ -1,6 +1,7 @@
 """What a training step's backward keeps: every tensor autograd saves in the forward, by the module that saved it.
 
-    python benchmarks/activation_census.py [--batch 2] [--length 512] [--rank 16] [--lora-dropout 0.0]
+    python benchmarks/activation_census.py [--batch 2] [--length 512] [--documents 4] [--rank 16]
+                                           [--lora-dropout 0.0]
                                            [--gradient-checkpointing false,selective,true]
 
 `torch.autograd.graph.saved_tensors_hooks` sees each tensor an op saves for its backward (including the inputs
@@ -121,8 +122,16 @@ def _step(model_path: str, setting: str, args: argparse.Namespace) -> dict[str, 
     module.model.train()
     vocab = module.model.get_input_embeddings().num_embeddings
     ids = torch.randint(3, vocab, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    batch = {"input_ids": ids, "labels": ids.clone(), **_layout(args.batch, args.length, args.documents)}
     return saved_bytes(module.model, lambda: module._shared_step(batch, module.train_loss, module.train_acc))
+
+
+def _layout(rows: int, length: int, documents: int) -> dict[str, torch.Tensor]:
+    """Rows of `documents` packed examples each (position_ids restarting, no mask), or a plain mask for 0."""
+    if documents == 0:
+        return {"attention_mask": torch.ones(rows, length, dtype=torch.long)}
+    positions = torch.arange(length) % -(-length // documents)
+    return {"position_ids": positions.expand(rows, length).clone()}
 
 
 def main() -> None:
@@ -131,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--documents", type=int, default=4, help="packed examples per row; 0: unpacked rows")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--gradient-checkpointing", default="false,selective,true")
     args = parser.parse_args()
@@ -141,7 +151,7 @@ def main() -> None:
     results = {s: _step(model_path, s, args) for s in settings}
     print(
         f"{args.model}, {args.batch} x {args.length} tokens, LoRA r={args.rank} all-linear, "
-        f"lora_dropout {args.lora_dropout}, fp32; MiB saved for backward\n"
+        f"{args.documents or 'unpacked'} documents per row, lora_dropout {args.lora_dropout}, fp32; MiB saved for backward\n"
     )
     print(table(results))
 

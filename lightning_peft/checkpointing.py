@@ -129,3 +129,38 @@ def _lora_delta(layer: Any, inputs: torch.Tensor) -> torch.Tensor | int:
             delta + lora_b(lora_a(dropout(layer._cast_input_dtype(inputs, lora_a.weight.dtype)))) * layer.scaling[name]
         )
     return delta
+
+
+def recompute_adapter_dropout(model: torch.nn.Module) -> None:
+    """Make each plain LoRA layer outside the gated MLPs keep its input instead of its dropped-out copy.
+
+    With `lora_dropout > 0`, `lora_A(dropout(x))` keeps `dropout(x)`: one full-width copy (and a mask) per
+    adapted layer, where q, k and v would otherwise share `x`. Running dropout and `lora_A` in a checkpoint keeps
+    only `x` and recomputes both in the backward with the same mask (the checkpoint restores the RNG state), so
+    the result is exactly the same; the recompute is one rank-r matmul. The module tree is left as it is.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    in_mlps = {id(m) for mlp in gated_mlps(model) or [] for m in mlp.modules()}
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and id(layer) not in in_mlps and _plain_lora(layer):
+            for name in layer.active_adapters:
+                dropout = layer.lora_dropout[name] if name in layer.lora_A else None
+                if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                    _fuse_dropout(dropout, layer.lora_A[name])
+
+
+def _fuse_dropout(dropout: torch.nn.Dropout, lora_a: torch.nn.Module) -> None:
+    """Run `dropout` inside `lora_a`'s forward, under a checkpoint while training (see above)."""
+    apply_dropout, project = dropout.forward, lora_a.forward
+
+    def dropped_projection(x: torch.Tensor) -> torch.Tensor:
+        return project(apply_dropout(x))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and dropout.training:
+            return checkpoint(dropped_projection, x, use_reentrant=False)
+        return dropped_projection(x)
+
+    dropout.forward = lambda x: x  # PEFT still calls it first; the real dropout now runs in lora_a
+    lora_a.forward = forward

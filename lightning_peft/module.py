@@ -214,6 +214,8 @@ class PeftCausalLM(L.LightningModule):
         if new_tokens:
             self._train_new_tokens(base, chat_templates.added_token_ids(self.tokenizer, new_tokens))
         self.model = self.build_adapter(base)
+        if hp.gradient_checkpointing == checkpointing.SELECTIVE:
+            checkpointing.recompute_adapter_dropout(self.model)
         # from_pretrained returns the base in eval mode; adapter dropout must be active while training.
         self.model.train()
         if self._device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 (strategies.FSDP2)
