@@ -2,26 +2,27 @@
 
 Each mode runs the same seeded forward + backward (the same dropout masks: checkpoints restore the RNG state),
 and logits and LoRA gradients must equal the plain path's within the reordering tolerance of the arithmetic
-(`tolerance.py`). What the backward keeps is counted with `benchmarks/activation_census.py`.
+(`tolerance.py`). What the backward keeps is counted with `benchmarks.memory_modes.py`.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_families import save_family_model
-from tolerance import TINY_FORWARD, assert_close_reordered
+from tolerance import TINY_FORWARD, assert_close_reordered, reordering_tolerance
 
 from lightning_peft import PeftCausalLM
 from lightning_peft.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is run from the repository root
 
-from benchmarks.activation_census import per_layer, saved_bytes
+from benchmarks.memory_modes import per_layer, saved_bytes
 
 # The backward runs the forward's chain of sums again, transposed: twice as many sums in a row reach a gradient.
 TINY_BACKWARD = {**TINY_FORWARD, "sums_in_a_row": 2 * TINY_FORWARD["sums_in_a_row"]}
@@ -120,3 +121,26 @@ def test_selective_falls_back_to_full_checkpointing_without_a_gated_mlp(family_d
     assert "has none, so every layer is checkpointed instead" in caplog.text
     assert module.model.base_model.model.is_gradient_checkpointing
     _assert_same_step(module, _module(family_dir, False))
+
+
+@pytest.mark.slow  # two 2-process runs; the single-process tests above check the same equality faster
+def test_selective_under_ddp_trains_the_same_adapter(tmp_path, tiny_model_dir):
+    from helpers import write_run_config
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for mode in ("selective", False):
+        folder = tmp_path / str(mode)
+        folder.mkdir()
+        model = {"gradient_checkpointing": mode, "adapter": {"r": 2, "lora_dropout": 0.1, "init_lora_weights": False}}
+        config = write_run_config(folder, tiny_model_dir, model=model)
+        ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+        command = [sys.executable, "-m", "lightning_peft", "fit", "--config", str(config), "--seed_everything", "0"]
+        result = subprocess.run([*command, *ddp], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        adapters[mode] = load_file(next(folder.glob("runs/**/adapter/adapter_model.safetensors")))
+    # The same computation in another order changes each gradient by rounding only; AdamW's step is scale-free,
+    # so each of the 2 steps moves a weight by lr times that relative change at most.
+    atol = 2 * 2e-4 * reordering_tolerance(**TINY_BACKWARD)
+    for name, weight in adapters[False].items():
+        torch.testing.assert_close(adapters["selective"][name], weight, rtol=0, atol=atol, msg=name)

