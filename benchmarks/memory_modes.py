@@ -1,7 +1,7 @@
 """The `gradient_checkpointing` modes side by side: what each step's backward keeps, and how long a step takes.
 
     python benchmarks/memory_modes.py [--batch 2] [--length 512] [--documents 4] [--rank 16] [--lora-dropout 0.0]
-                                      [--gradient-checkpointing false,selective,true] [--timing-steps 0]
+                                      [--gradient-checkpointing false,selective,true] [--timing-steps 0] [--no-census]
 
 Census: what a training step's backward keeps, every tensor autograd saves in the forward, by the module that
 saved it.
@@ -198,20 +198,26 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--gradient-checkpointing", default="false,selective,true")
     parser.add_argument("--timing-steps", type=int, default=0, help="timed steps per setting; 0: census only")
+    parser.add_argument("--no-census", dest="census", action="store_false", help="step times only")
     args = parser.parse_args()
     from lightning_peft.models import resolve_model
 
     model_path = resolve_model(args.model)
     settings = [s.strip() for s in args.gradient_checkpointing.split(",")]
+    if args.census:
+        print_census(model_path, settings, args)
+    if args.timing_steps:
+        print(f"\nstep time, settings in turn, {args.timing_steps} steps each after a warm-up round:\n")
+        print(timing_table(step_times(model_path, settings, args)))
+
+
+def print_census(model_path: str, settings: list[str], args: argparse.Namespace) -> None:
     results = {s: _census(model_path, s, args) for s in settings}
     print(
         f"{args.model}, {args.batch} x {args.length} tokens, LoRA r={args.rank} all-linear, "
         f"{args.documents or 'unpacked'} documents per row, lora_dropout {args.lora_dropout}, fp32; MiB saved for backward\n"
     )
     print(table(results))
-    if args.timing_steps:
-        print(f"\nstep time, settings in turn, {args.timing_steps} steps each after a warm-up round:\n")
-        print(timing_table(step_times(model_path, settings, args)))
 
 
 if __name__ == "__main__":
