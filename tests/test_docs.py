@@ -36,6 +36,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--no-deps",  # pip
     "--max-lora-rank",  # vLLM
     "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
+    "--batch", "--length", "--max-length", "--batch-size", "--timing-steps", "--no-census",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.
