@@ -19,6 +19,7 @@ from lightning_peft.atomic import staged_folder
 from lightning_peft.errors import ConfigError
 from lightning_peft.files import check_files, check_folder, read_json_object
 from lightning_peft.models import linear_module_names, portable_base_name, resolve_model
+from lightning_peft.options import GradientCheckpointing
 
 if TYPE_CHECKING:
     import torch
@@ -191,23 +192,17 @@ def check_targets(model: torch.nn.Module, config: PeftConfig) -> None:
         )
 
 
-def prepare_base(model: torch.nn.Module, *, quantized: bool = False, gradient_checkpointing: bool = False) -> Any:
-    """Ready a frozen base for adapter training: k-bit preparation and gradient checkpointing."""
+def prepare_base(
+    model: torch.nn.Module, *, quantized: bool = False, gradient_checkpointing: GradientCheckpointing = False
+) -> Any:
+    """Ready a frozen base for adapter training: k-bit preparation and gradient checkpointing (`checkpointing`)."""
     from peft import prepare_model_for_kbit_training
 
-    checkpointing_kwargs = {"use_reentrant": False}
+    from lightning_peft import checkpointing
+
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing_kwargs,
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
-        # Frozen embeddings give activations without grad; checkpointed blocks then need inputs that require it.
-        model.enable_input_require_grads()
-    if gradient_checkpointing:
-        model.config.use_cache = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    checkpointing.enable(model, gradient_checkpointing)
     return model
 
 
@@ -216,7 +211,7 @@ def inject_adapter(
     config: PeftConfig,
     *,
     quantized: bool = False,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: GradientCheckpointing = False,
 ) -> PeftModel:
     """Wrap `model` in a trainable `PeftModel`, preparing k-bit models and gradient checkpointing first."""
     from peft import get_peft_model

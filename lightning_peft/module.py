@@ -19,7 +19,7 @@ from peft import PeftConfig
 from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
-from lightning_peft import adapters, generation
+from lightning_peft import adapters, checkpointing, generation
 from lightning_peft.architectures import ATTN_AUTO, supported_attn_implementations
 from lightning_peft.data import chat_templates
 from lightning_peft.errors import ConfigError
@@ -32,7 +32,14 @@ from lightning_peft.models import (
     load_tokenizer,
     packed_examples_are_isolated,
 )
-from lightning_peft.options import QUANTIZATIONS, AttnImplementation, Optimizer, Quantization, Scheduler
+from lightning_peft.options import (
+    QUANTIZATIONS,
+    AttnImplementation,
+    GradientCheckpointing,
+    Optimizer,
+    Quantization,
+    Scheduler,
+)
 from lightning_peft.packed_attention import use_packed_attention
 from lightning_peft.run_folder import run_dir
 from lightning_peft.tokens import grow_embeddings, tokenizer_source, with_trainable_tokens
@@ -58,7 +65,11 @@ class PeftCausalLM(L.LightningModule):
         lr_scheduler: Shape of the schedule after warmup.
         warmup_steps: Linear warmup steps; overrides `warmup_ratio` when positive.
         warmup_ratio: Warmup as a fraction of all optimizer steps.
-        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory. `true`: every
+            decoder layer keeps only its input (the least memory; the whole forward runs twice). `selective`:
+            each layer's MLP keeps only its input and recomputes its gate/up projections, activation and product
+            (most of a layer's activations, at a fraction of the recompute; gated MLPs such as Llama's, others
+            fall back to `true`). `false`: nothing is recomputed.
         loss_chunk_size: Compute the loss from the decoder's hidden states, at most this many supervised tokens
             per lm_head call, so the (batch, time, vocab) logits never exist (`lightning_peft.losses`). Chunks
             are recomputed in backward only when a batch has more supervised tokens than this. 0 or null: full
@@ -99,7 +110,7 @@ class PeftCausalLM(L.LightningModule):
         lr_scheduler: Scheduler = "cosine",
         warmup_steps: int = 0,
         warmup_ratio: float = 0.0,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: GradientCheckpointing = False,
         loss_chunk_size: int | None = 1024,
         attn_implementation: AttnImplementation | None = ATTN_AUTO,
         revision: str | None = None,
@@ -206,6 +217,8 @@ class PeftCausalLM(L.LightningModule):
         if new_tokens:
             self._train_new_tokens(base, chat_templates.added_token_ids(self.tokenizer, new_tokens))
         self.model = self.build_adapter(base)
+        if hp.gradient_checkpointing == checkpointing.SELECTIVE:
+            checkpointing.recompute_adapter_dropout(self.model)
         # from_pretrained returns the base in eval mode; adapter dropout must be active while training.
         self.model.train()
         if self._device_mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 (strategies.FSDP2)
@@ -473,6 +486,8 @@ def _validate(args: dict[str, Any]) -> None:
         problems.append(f"`warmup_ratio`={args['warmup_ratio']!r} must be in [0, 1)")
     if args["loss_chunk_size"] is not None and args["loss_chunk_size"] < 0:
         problems.append(f"`loss_chunk_size`={args['loss_chunk_size']!r} must be >= 0 (0 or null: no chunking)")
+    if problem := checkpointing.setting_problem(args["gradient_checkpointing"]):
+        problems.append(problem)
     if args["quantization"] not in QUANTIZATIONS:
         problems.append(f"`quantization`={args['quantization']!r} must be one of {', '.join(QUANTIZATIONS)}")
     if problems:

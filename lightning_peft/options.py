@@ -38,3 +38,6 @@ MERGE_MODES: tuple[str, ...] = get_args(MergeMode)
 #: The semver part `lpeft publish --bump` increments.
 BumpPart = Literal["major", "minor", "patch"]
 BUMP_PARTS: tuple[str, ...] = get_args(BumpPart)
+
+#: `PeftCausalLM(gradient_checkpointing=...)`: off, every decoder layer, or the MLPs' intermediates only.
+GradientCheckpointing = bool | Literal["selective"]

@@ -38,6 +38,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
     "--max-length", "--rows", "--packed-attention", "--layers", "--steps", "--lengths", "--warmup",  # benchmarks/
     "--examples", "--shape", "--timeout", "--gradient-checkpointing",  # benchmarks/
+    "--batch", "--length", "--batch-size", "--timing-steps", "--no-census",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.

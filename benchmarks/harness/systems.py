@@ -81,6 +81,19 @@ SYSTEMS: tuple[System, ...] = (
         model_class="benchmarks.harness.lpeft.RawLossLM",
         default=False,
     ),
+    # Memory modes of the same run (`gradient_checkpointing`): compare with lpeft-lora-packed (false).
+    *(
+        System(
+            f"lpeft-lora-packed-ckpt-{name}",
+            "lpeft",
+            f"(e) lightning-peft LoRA, packing on, gradient_checkpointing: {name}",
+            True,
+            group="lora-packed",
+            model_options=(("gradient_checkpointing", value),),
+            default=False,
+        )
+        for name, value in (("selective", "selective"), ("true", True))
+    ),
     System("raw-qlora-packed", "raw", "(a) PyTorch + PEFT loop, QLoRA, packed", True, "4bit", group="qlora-packed"),
     System("lpeft-qlora-packed", "lpeft", "(e) lightning-peft QLoRA, packing on", True, "4bit", group="qlora-packed"),
 )

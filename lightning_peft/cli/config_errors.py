@@ -117,6 +117,8 @@ def _literal_line(message: str, args: Sequence[str]) -> str:
     for match in _LITERAL.finditer(message):
         # Union branches may allow the same value as int and as str (trainer.precision: 16 and "16"): show it once.
         allowed += [v for v in _literal_values(match.group(1)) if str(v) not in map(str, allowed)]
+    if any(match.group(1) == "bool" for match in _EXPECTED.finditer(message)):  # `bool | Literal[...]`
+        allowed = ["true", "false", *allowed]
     file, value = _source(key, args)
     if value is _MISSING:
         found = _GOT_VALUE.search(message) or _GIVEN_VALUE.search(message)
