@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,6 +213,29 @@ def test_capitals_example_task_scores_with_the_shared_function(tiny_model_dir, t
     results = json.loads((out / "results.json").read_text())["models"]["base"]["results"]["capitals"]
     assert results["valid_json,none"] == pytest.approx(sum(valid) / 2)
     assert {"valid_json,none", "right_capital,none"} <= set(results)
+
+
+def test_arc_easy_local_is_arcs_task_over_the_local_file(tiny_model_dir, tmp_path):
+    """examples/tasks/arc_easy_local.yaml: ARC-Easy's prompt and choices over the shipped JSONL, scored by the harness."""
+    examples = Path(__file__).parents[1] / "examples" / "tasks"
+    docs = [json.loads(line) for line in (examples / "arc_easy_local" / "test.jsonl").read_text().splitlines()]
+    assert len(docs) == 20 and all(d["answerKey"] in d["choices"]["label"] for d in docs)
+    out = tmp_path / "out"
+    result = lpeft("eval", "--model", tiny_model_dir, "--tasks", examples / "arc_easy_local.yaml", "--limit", "3",
+                   "--output", out, "--log-samples")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    samples = sorted(
+        (json.loads(line) for line in (out / "samples" / "base" / "arc_easy_local.jsonl").read_text().splitlines()),
+        key=lambda sample: sample["doc_id"],
+    )
+    picks = []
+    for sample, doc in zip(samples, docs, strict=False):
+        assert [a[0] for a in sample["arguments"]] == [f"Question: {doc['question']}\nAnswer:"] * 4
+        assert [a[1] for a in sample["arguments"]] == [f" {text}" for text in doc["choices"]["text"]]
+        log_probs = [resp[0][0] for resp in sample["resps"]]
+        picks.append(max(range(4), key=log_probs.__getitem__) == doc["choices"]["label"].index(doc["answerKey"]))
+    results = json.loads((out / "results.json").read_text())["models"]["base"]["results"]["arc_easy_local"]
+    assert len(picks) == 3 and results["acc,none"] == pytest.approx(sum(picks) / 3)
 
 
 def test_a_4bit_base_is_what_the_harness_scores(tiny_model_dir, mc_task, tmp_path):
