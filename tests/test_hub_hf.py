@@ -153,6 +153,17 @@ def test_a_patch_to_an_older_line_leaves_main_on_the_highest_version(hub, adapte
     assert result.exit_code == 0 and "Pulled acme/capitals 1.0.1" in result.stdout, result.output
 
 
+def test_a_release_branch_left_by_a_killed_publish_does_not_block_the_next_one(hub, adapter):
+    for version in ("1.0.0", "2.0.0"):
+        assert lpeft("publish", adapter, REPO, "--registry", "hf", "--no-verify", "--version", version).exit_code == 0
+    repo = hub.repos[REPO]
+    repo.branches["lpeft-release-v1.0.1"] = repo.tags["v1.0.0"]  # killed after creating its branch: no tag, no cleanup
+    result = lpeft("publish", adapter, REPO, "--registry", "hf", "--no-verify", "--version", "1.0.1")
+    assert result.exit_code == 0, result.output
+    assert repo.branches == {"main": repo.tags["v2.0.0"]}  # the stale branch was used and removed
+    assert json.loads(repo.commit(repo.tags["v1.0.1"]).files[MANIFEST_FILE])["version"] == "1.0.1"
+
+
 def test_publishes_name_their_parent_commit_and_a_lost_race_is_prepared_again(hub, adapter, monkeypatch):
     from huggingface_hub import CommitOperationAdd, HfApi
 

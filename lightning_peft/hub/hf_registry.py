@@ -147,7 +147,9 @@ class HfRegistry(Registry):
         below = [v for v in published if v < version]
         branch = "main" if len(below) == len(published) else f"lpeft-release-{tag}"
         if branch != "main":  # an older line's release: start from the highest version below it, leave main alone
-            api.create_branch(repo_id, branch=branch, revision=tag_for(max(below)) if below else None)
+            # exist_ok: a publisher killed before its `finally` leaves the branch behind; with no tag for this
+            # version it holds nothing published, and the commit below replaces its whole tree anyway.
+            api.create_branch(repo_id, branch=branch, revision=tag_for(max(below)) if below else None, exist_ok=True)
         try:
             head = api.repo_info(repo_id, revision=branch).sha
             files = sorted(p.relative_to(package_dir).as_posix() for p in package_dir.rglob("*") if p.is_file())
