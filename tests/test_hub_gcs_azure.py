@@ -255,6 +255,7 @@ def test_concurrent_publishers_one_winner_per_version_and_every_version_lands(ad
 def test_each_registry_uses_the_storage_configuration_of_its_time(store, azure_server, monkeypatch):
     """adlfs reads AZURE_STORAGE_CONNECTION_STRING when a filesystem is made, and fsspec would hand every later
     `az://` registry in the process that first filesystem: a wrong key set since must be used (and refused)."""
+
     def listed():
         return lpeft("versions", REPO, "--registry", store.url)
 
