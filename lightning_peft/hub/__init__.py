@@ -7,7 +7,7 @@
 
 Modules: `versions` (semver and ranges), `fingerprint` (the base model's identity), `runinfo` (what the run
 logged), `plot` (loss curve), `lint` (serving compatibility), `manifest` (the typed `Manifest`), `card`, `package` (offline
-packaging), `registry` (interface + local folder registry), `hf_registry` (the Hub), `yanks` (retracted versions), `search` (list and search), `verify` (checks
+packaging), `registry` (interface + local folder registry), `hf_registry` (the Hub), `fsspec_registry` (object storage) and `conditional` (its conditional writes), `yanks` (retracted versions), `search` (list and search), `verify` (checks
 that need the model), `api` (the operations). Importing this package does not import torch.
 """
 
