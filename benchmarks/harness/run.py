@@ -225,6 +225,7 @@ def run_one(
         "quantization": system.quantization,
         "padding": system.padding,
         "model_options": dict(system.model_options),
+        "trainer_options": dict(system.trainer_options),
         "model_class": system.model_class,
         "model_dir": setup["model_dir"],
         "train_file": setup["train_file"],
