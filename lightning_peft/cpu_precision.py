@@ -97,11 +97,12 @@ def cache_key(model_name_or_path: str, quantization: str, tokens: int) -> str:
     """What the answer depends on: the CPU, torch, its threads, the model and the row length."""
     import torch
 
-    parts = (_cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", str(model_name_or_path))
+    parts = (cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", str(model_name_or_path))
     return "|".join((*parts, quantization, f"{tokens} tokens"))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

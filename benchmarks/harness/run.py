@@ -402,8 +402,10 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from lightning_peft.cpu_precision import cpu_name
+
     info: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": args.threads,
         "python": platform.python_version(),
@@ -421,13 +423,3 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
