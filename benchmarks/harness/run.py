@@ -421,5 +421,3 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         except Exception:
             info["versions"][package] = None
     return info
-
-
