@@ -83,7 +83,8 @@ class PeftCausalLM(L.LightningModule):
         compile: torch.compile each decoder layer (regional compilation: one graph for the repeated layer, LoRA
             included, shapes dynamic so packed and padded batches of any length reuse it) while training;
             evaluation and generation stay eager. The first steps pay the compile (tens of seconds). Off by
-            default: on CPUs it was measured no faster (docs/performance.md, "Compile and precision").
+            default: on an AVX-512 CPU a SmolLM2 step was only 1.09x faster, which short runs do not earn back
+            (docs/performance.md, "Compile and precision").
         revision: Model revision when loading from the Hub.
         trust_remote_code: Allow model code from the Hub (only for models you trust).
         adapter_path: Start from this saved PEFT adapter folder (a previous run's `adapter/`, or any PEFT
