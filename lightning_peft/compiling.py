@@ -41,14 +41,14 @@ def setting_problem(value: Any) -> str | None:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's decoder layers (transformers' `GradientCheckpointingLayer`s), outermost ones only."""
+    """The model's decoder layers (transformers' `GradientCheckpointingLayer`s)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
-    """Compile each decoder layer of `model` in place (`nn.Module.compile`); return how many were compiled.
+    """Replace each decoder layer's forward with its compiled version (in place); return how many layers.
 
     Raises:
         ConfigError: the model has no decoder layers transformers marks as such (nothing to compile).

@@ -86,3 +86,10 @@ def _graphs() -> int:
 def test_compile_setting_is_checked(tiny_model_dir):
     with pytest.raises(ConfigError, match=r"`compile`='yes' is not allowed; use false or true"):
         PeftCausalLM(str(tiny_model_dir), compile="yes")
+
+
+def test_compile_needs_decoder_layers():
+    from lightning_peft.compiling import compile_decoder_layers
+
+    with pytest.raises(ConfigError, match=r"`compile: true` compiles the decoder layers, and Linear has none"):
+        compile_decoder_layers(torch.nn.Linear(2, 2))
