@@ -19,7 +19,7 @@ from peft import PeftConfig
 from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
-from lightning_peft import adapters, checkpointing, generation
+from lightning_peft import adapters, checkpointing, compiling, generation
 from lightning_peft.architectures import ATTN_AUTO, supported_attn_implementations
 from lightning_peft.data import chat_templates
 from lightning_peft.errors import ConfigError
@@ -80,6 +80,11 @@ class PeftCausalLM(L.LightningModule):
             model attends packed rows one document at a time (`lightning_peft.packed_attention`: memory linear
             in the row length). `sdpa` keeps transformers' block-diagonal (T x T) mask for packed rows. A backend
             the class does not implement is refused before loading.
+        compile: torch.compile each decoder layer (regional compilation: one graph for the repeated layer, LoRA
+            included, shapes dynamic so packed and padded batches of any length reuse it) while training;
+            evaluation and generation stay eager. The first steps pay the compile (tens of seconds). Off by
+            default: on an AVX-512 CPU a SmolLM2 step was only 1.09x faster, which short runs do not earn back
+            (docs/performance.md, "Compile and precision").
         revision: Model revision when loading from the Hub.
         trust_remote_code: Allow model code from the Hub (only for models you trust).
         adapter_path: Start from this saved PEFT adapter folder (a previous run's `adapter/`, or any PEFT
@@ -113,6 +118,7 @@ class PeftCausalLM(L.LightningModule):
         gradient_checkpointing: GradientCheckpointing = False,
         loss_chunk_size: int | None = 1024,
         attn_implementation: AttnImplementation | None = ATTN_AUTO,
+        compile: bool = False,
         revision: str | None = None,
         trust_remote_code: bool = False,
         adapter_path: str | None = None,
@@ -226,6 +232,8 @@ class PeftCausalLM(L.LightningModule):
 
             options = getattr(self.trainer.strategy, "shard_options", {})
             shard_decoder_layers(self.model, self._device_mesh["data_parallel"], **options)
+        if hp.get("compile"):
+            compiling.compile_decoder_layers(self.model)
 
     def _train_new_tokens(self, base: torch.nn.Module, token_ids: list[int]) -> None:
         if self.hparams.adapter_path is not None:
@@ -487,6 +495,8 @@ def _validate(args: dict[str, Any]) -> None:
     if args["loss_chunk_size"] is not None and args["loss_chunk_size"] < 0:
         problems.append(f"`loss_chunk_size`={args['loss_chunk_size']!r} must be >= 0 (0 or null: no chunking)")
     if problem := checkpointing.setting_problem(args["gradient_checkpointing"]):
+        problems.append(problem)
+    if problem := compiling.setting_problem(args["compile"]):
         problems.append(problem)
     if args["quantization"] not in QUANTIZATIONS:
         problems.append(f"`quantization`={args['quantization']!r} must be one of {', '.join(QUANTIZATIONS)}")

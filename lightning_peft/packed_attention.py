@@ -87,6 +87,8 @@ class _PlanCache:
 _PLANS = _PlanCache()
 
 
+# Stays eager inside a compiled decoder layer (`lightning_peft.compiling`): documents differ in every batch.
+@torch.compiler.disable
 def packed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -40,8 +40,13 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tokenized-data caches go to a per-session folder; the converted SmolLM2 stays in the shared cache."""
+    """Tokenized-data caches go to a per-session folder; the converted SmolLM2 stays in the shared cache.
+
+    Fits run in fp32 on every CPU: the bf16 probe (`lightning_peft.cpu_precision`, tested on its own) would make
+    their precision, and so their losses, depend on the machine's timing.
+    """
     monkeypatch.setenv("LPEFT_DATA_CACHE", str(tmp_path_factory.getbasetemp() / "data-cache"))
+    monkeypatch.setenv("LPEFT_PRECISION_PROBE", "0")
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--max-length", "--rows", "--packed-attention", "--layers", "--steps", "--lengths", "--warmup",  # benchmarks/
     "--examples", "--shape", "--timeout", "--gradient-checkpointing",  # benchmarks/
     "--batch", "--length", "--batch-size", "--timing-steps", "--no-census",  # benchmarks/
+    "--documents", "--variants", "--curve-steps", "--repeats",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.

@@ -2,7 +2,7 @@
 
 The worker calls the `lpeft` console entry point in-process with a generated config, so the run has everything
 a user's run has: LightningCLI, `PeftCausalLM`, `SFTDataModule` reading the JSON Lines file (its tokenized form
-comes from the data cache, as on any second run), automatic precision, the default callbacks (`AdapterCheckpoint`,
+comes from the data cache, as on any second run), the harness's precision, the default callbacks (`AdapterCheckpoint`,
 `RunSummary`, the progress bar, model summary), the CSV logger and the adapter written when fit ends. The only
 addition is `Recorder`, a callback that hands each step's batch and loss to the benchmark's recorder.
 
@@ -91,5 +91,8 @@ def fit_config(spec: dict[str, Any]) -> dict[str, Any]:
             "max_epochs": 1,
             "default_root_dir": str(workdir),
             "callbacks": [{"class_path": "benchmarks.harness.lpeft.Recorder"}],
+            # The run's precision, as every other system trains in: never the measured CPU choice.
+            "precision": "bf16-mixed" if spec["precision"] == "bf16" else "32-true",
+            **spec.get("trainer_options", {}),
         },
     }

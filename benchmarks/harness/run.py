@@ -225,6 +225,7 @@ def run_one(
         "quantization": system.quantization,
         "padding": system.padding,
         "model_options": dict(system.model_options),
+        "trainer_options": dict(system.trainer_options),
         "model_class": system.model_class,
         "model_dir": setup["model_dir"],
         "train_file": setup["train_file"],
@@ -401,8 +402,10 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
+    from lightning_peft.cpu_precision import cpu_name
+
     info: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": args.threads,
         "python": platform.python_version(),
@@ -418,15 +421,3 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         except Exception:
             info["versions"][package] = None
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()

@@ -19,6 +19,7 @@ class System:
         padding: "max_length" for the classic recipe, else each batch to its longest row.
         group: systems of one group train on the same examples in the same batches (None: its own batches).
         model_options: extra `model:` settings of a lightning-peft system.
+        trainer_options: extra `trainer:` settings of a lightning-peft system.
         model_class: the `model.class_path` of a lightning-peft system, when not `PeftCausalLM`.
         default: run it unless `--systems` says otherwise.
     """
@@ -31,6 +32,7 @@ class System:
     padding: str = "dynamic"
     group: str | None = None
     model_options: tuple[tuple[str, Any], ...] = ()
+    trainer_options: tuple[tuple[str, Any], ...] = ()
     model_class: str | None = None
     default: bool = True
 
@@ -93,6 +95,25 @@ SYSTEMS: tuple[System, ...] = (
             default=False,
         )
         for name, value in (("selective", "selective"), ("true", True))
+    ),
+    # `compile: true` (regional torch.compile of the decoder layers): same batches, losses equal to fp32 eager's.
+    System(
+        "lpeft-lora-packed-compile",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, compile: true",
+        True,
+        group="lora-packed",
+        model_options=(("compile", True),),
+        default=False,
+    ),
+    # bf16-mixed on a CPU: the same batches, but its losses differ from fp32's by bf16 rounding (its own group).
+    System(
+        "lpeft-lora-packed-bf16",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, trainer.precision: bf16-mixed",
+        True,
+        trainer_options=(("precision", "bf16-mixed"),),
+        default=False,
     ),
     System("raw-qlora-packed", "raw", "(a) PyTorch + PEFT loop, QLoRA, packed", True, "4bit", group="qlora-packed"),
     System("lpeft-qlora-packed", "lpeft", "(e) lightning-peft QLoRA, packing on", True, "4bit", group="qlora-packed"),

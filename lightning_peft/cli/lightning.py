@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
+from lightning_peft import cpu_precision
 from lightning_peft.adapters import adalora_total_step, is_adalora
 from lightning_peft.callbacks import AdapterCheckpoint, MetricHistory, PredictionWriter, RunSummary
 from lightning_peft.cli.config_errors import one_line
@@ -81,7 +82,9 @@ def _class_keys(class_path: str) -> list[str]:
 class LpeftCLI(LightningCLI):
     """LightningCLI with the tokenizer linked to the model and precision chosen for the hardware.
 
-    `trainer.precision` left unset (null) means auto: bf16-mixed on GPUs that support it, 32-true elsewhere.
+    `trainer.precision` left unset (null) means auto: bf16-mixed on GPUs that support it; for `fit` on a CPU with
+    native bf16, whichever of bf16-mixed and 32-true ran a training step of the model faster
+    (`lightning_peft.cpu_precision`); 32-true elsewhere.
     `fit` checkpoints with `AdapterCheckpoint` (adapter folders, never the frozen base) instead of Lightning's
     default `ModelCheckpoint`, unless the config names a checkpoint callback or `trainer.enable_checkpointing`
     is false; `--ckpt_path last` then resumes from its newest complete checkpoint.
@@ -103,9 +106,22 @@ class LpeftCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("precision") is None:
-            config.trainer.precision = auto_precision()
+            config.trainer.precision = self._auto_precision(config)
         _fill_adalora_total_step(config)
         _default_loggers(config)
+
+    def _auto_precision(self, config: Any) -> str:
+        """`auto_precision()`, except where `fit` runs on a CPU with native bf16: there a measured choice."""
+        precision = auto_precision()
+        on_cpu = config.trainer.get("accelerator") in (None, "auto", "cpu")
+        if self.subcommand != "fit" or precision != cpu_precision.FP32 or not on_cpu:
+            return precision
+        if not cpu_precision.probe_enabled():
+            return precision
+        model, data = config.model.get("init_args") or config.model, config.data.get("init_args") or config.data
+        return cpu_precision.measured_precision(
+            model.get("model_name_or_path"), model.get("quantization") or "none", data.get("max_length") or 512
+        )
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

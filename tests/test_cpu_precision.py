@@ -1,0 +1,91 @@
+"""`trainer.precision` unset on a CPU with native bf16: a measured, cached choice between bf16-mixed and 32-true."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from jsonargparse import Namespace
+
+from lightning_peft import cpu_precision
+from lightning_peft.cli.lightning import LpeftCLI
+from lightning_peft.cpu_precision import BF16, FP32
+
+
+@pytest.fixture
+def probe(monkeypatch, tmp_path):
+    """The probe switched on, with its cache under tmp_path and step times that `probe.seconds` sets."""
+    monkeypatch.setenv("LPEFT_CACHE", str(tmp_path))
+    monkeypatch.setenv(cpu_precision.PROBE_ENV, "1")
+    monkeypatch.setattr(cpu_precision, "native_bf16", lambda: True)
+    calls = []
+
+    def step_seconds(model, precision, quantization, tokens):
+        calls.append((model, precision, tokens))
+        return fake.seconds[precision]
+
+    monkeypatch.setattr(cpu_precision, "step_seconds", step_seconds)
+    fake = Namespace(seconds={FP32: 1.0, BF16: 0.5}, calls=calls)
+    return fake
+
+
+@pytest.mark.parametrize(("bf16_seconds", "chosen"), [(0.5, BF16), (0.9, BF16), (0.95, FP32), (2.0, FP32)])
+def test_bf16_only_where_clearly_faster(bf16_seconds, chosen):
+    assert cpu_precision.choose({FP32: 1.0, BF16: bf16_seconds}) == chosen
+
+
+def test_measured_once_then_cached(probe, caplog):
+    with caplog.at_level(logging.INFO, logger="lightning_peft.cpu_precision"):
+        assert cpu_precision.measured_precision("some-model", tokens=2048) == BF16
+        assert cpu_precision.measured_precision("some-model", tokens=2048) == BF16
+    assert probe.calls == [("some-model", FP32, 512), ("some-model", BF16, 512)]  # rows capped at PROBE_TOKENS
+    assert "bf16-mixed (a training step took 0.5 s in bf16-mixed, 1 s in 32-true" in caplog.text
+    assert "measured before on this CPU" in caplog.text
+    probe.seconds = {FP32: 1.0, BF16: 2.0}
+    assert cpu_precision.measured_precision("other-model") == FP32  # another model, another measurement
+    assert len(probe.calls) == 4
+
+
+def test_failed_probe_keeps_fp32(probe, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no bf16 kernel")
+
+    monkeypatch.setattr(cpu_precision, "step_seconds", broken)
+    assert cpu_precision.measured_precision("some-model") == FP32
+
+
+def _config(**trainer):
+    return Namespace(
+        trainer=Namespace(precision=None, **trainer),
+        model=Namespace(init_args=Namespace(model_name_or_path="m", quantization="none")),
+        data=Namespace(init_args=Namespace(max_length=128)),
+    )
+
+
+def _auto(subcommand, config):
+    cli = LpeftCLI.__new__(LpeftCLI)  # only the precision choice, no parsing
+    cli.subcommand = subcommand
+    return cli._auto_precision(config)
+
+
+def test_fit_on_a_bf16_cpu_uses_the_measurement(probe):
+    assert _auto("fit", _config(accelerator="auto")) == BF16
+    assert probe.calls[-1] == ("m", BF16, 128)
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "accelerator", "env", "native"),
+    [("validate", "cpu", "1", True), ("fit", "gpu", "1", True), ("fit", "cpu", "0", True), ("fit", "cpu", "1", False)],
+)
+def test_fp32_without_a_probe(probe, monkeypatch, subcommand, accelerator, env, native):
+    """Other commands, other accelerators, `LPEFT_PRECISION_PROBE=0` and CPUs without native bf16 keep 32-true."""
+    monkeypatch.setenv(cpu_precision.PROBE_ENV, env)
+    monkeypatch.setattr(cpu_precision, "native_bf16", lambda: native)
+    assert _auto(subcommand, _config(accelerator=accelerator)) == FP32
+    assert probe.calls == []
+
+
+def test_a_real_probe_step(tiny_model_dir):
+    """The probe trains the tiny model one LoRA step in each precision (on any CPU; slow ones are only slow)."""
+    for precision in (FP32, BF16):
+        assert cpu_precision.step_seconds(str(tiny_model_dir), precision, "none", tokens=16, steps=1) > 0
