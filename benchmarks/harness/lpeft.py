@@ -7,7 +7,8 @@ comes from the data cache, as on any second run), the harness's precision, the d
 addition is `Recorder`, a callback that hands each step's batch and loss to the benchmark's recorder.
 
 `RawLossLM` (system `lpeft-lora-packed-raw-loss`) trains with the raw loop's loss and nothing else per step, so
-what it costs over the raw loop is the framework's alone.
+what it costs over the raw loop is the framework's alone. `InputGradCheckpointLM` (system
+`lpeft-lora-packed-ckpt-true-input-grads`) is full checkpointing as lightning-peft ran it before `selective`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ class RawLossLM(PeftCausalLM):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return shifted_cross_entropy(self(batch).logits, batch["labels"])
+
+
+class InputGradCheckpointLM(PeftCausalLM):
+    """`PeftCausalLM` with full checkpointing as it was before `selective` existed: transformers' input-grad hook on
+    the embeddings, so the first decoder layer also computes the gradient of its input (which nothing uses)."""
+
+    def build_adapter(self, base_model: torch.nn.Module) -> torch.nn.Module:
+        model = super().build_adapter(base_model)
+        model.enable_input_require_grads()
+        return model
 
 
 class Recorder(L.Callback):

@@ -32,6 +32,7 @@ from typing import Any
 
 from benchmarks.harness import report
 from benchmarks.harness.systems import BY_NAME, SYSTEMS, System
+from lightning_peft.allocator import tcmalloc_environment
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
@@ -248,7 +249,10 @@ def run_one(
     command = [sys.executable, "-m", "benchmarks.harness.worker", str(spec_file)]
     with log_file.open("w") as log:
         try:
-            done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            env = {**os.environ, **dict(system.env)}
+            if system.runner == "lpeft":  # as `lpeft fit` runs: on tcmalloc where installed (lightning_peft.allocator)
+                env = tcmalloc_environment(env) or env
+            done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
             failed = done.returncode != 0
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s\n" + _tail(log_file)}

@@ -21,6 +21,7 @@ class System:
         model_options: extra `model:` settings of a lightning-peft system.
         trainer_options: extra `trainer:` settings of a lightning-peft system.
         model_class: the `model.class_path` of a lightning-peft system, when not `PeftCausalLM`.
+        env: environment variables of its worker process, over the harness's own.
         default: run it unless `--systems` says otherwise.
     """
 
@@ -34,6 +35,7 @@ class System:
     model_options: tuple[tuple[str, Any], ...] = ()
     trainer_options: tuple[tuple[str, Any], ...] = ()
     model_class: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
     default: bool = True
 
 
@@ -113,6 +115,37 @@ SYSTEMS: tuple[System, ...] = (
         "(e) lightning-peft LoRA, packing on, trainer.precision: bf16-mixed",
         True,
         trainer_options=(("precision", "bf16-mixed"),),
+        default=False,
+    ),
+    # Full checkpointing as it was before `selective`: with the input-grad hook, layer 0 computes an unused gradient.
+    System(
+        "lpeft-lora-packed-ckpt-true-input-grads",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, gradient_checkpointing: true with transformers' input-grad hook (before)",
+        True,
+        group="lora-packed",
+        model_options=(("gradient_checkpointing", True),),
+        model_class="benchmarks.harness.lpeft.InputGradCheckpointLM",
+        default=False,
+    ),
+    # `lpeft fit` runs on tcmalloc where it is installed (lightning_peft.allocator); these two run on glibc's malloc:
+    # its defaults (a heap that keeps freed activations), and returning them at once (a fixed mmap threshold).
+    System(
+        "lpeft-lora-packed-glibc",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, glibc's malloc (LPEFT_MALLOC=glibc)",
+        True,
+        group="lora-packed",
+        env=(("LPEFT_MALLOC", "glibc"),),
+        default=False,
+    ),
+    System(
+        "lpeft-lora-packed-mmap-threshold",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, glibc's malloc with MALLOC_MMAP_THRESHOLD_=65536",
+        True,
+        group="lora-packed",
+        env=(("LPEFT_MALLOC", "glibc"), ("MALLOC_MMAP_THRESHOLD_", "65536")),
         default=False,
     ),
     System("raw-qlora-packed", "raw", "(a) PyTorch + PEFT loop, QLoRA, packed", True, "4bit", group="qlora-packed"),
