@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 #: The environment variable that chooses: "glibc" (or "system") keeps the system allocator.
 SETTING = "LPEFT_MALLOC"
@@ -50,11 +50,12 @@ def tcmalloc_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     return {**environ, "LD_PRELOAD": f"{library} {preload}".strip(), SETTING: "tcmalloc"}
 
 
-def rerun_with_tcmalloc(python_args: Sequence[str]) -> None:
-    """Replace this process with `python *python_args` on tcmalloc; return (doing nothing) when it should not."""
+def rerun_with_tcmalloc() -> None:
+    """Replace this process with the same command line (interpreter flags included) on tcmalloc; return, doing
+    nothing, when it should keep its allocator."""
     environment = tcmalloc_environment(os.environ)
     if environment is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *python_args], environment)
+    os.execve(sys.executable, sys.orig_argv, environment)

@@ -498,6 +498,12 @@ def _validate(args: dict[str, Any]) -> None:
         problems.append(problem)
     if problem := compiling.setting_problem(args["compile"]):
         problems.append(problem)
+    elif args["compile"] is True and args["gradient_checkpointing"] is True:
+        # Dynamo does not trace inside a whole-layer checkpoint: the layers would run eager without a word.
+        problems.append(
+            "`compile`=true with `gradient_checkpointing`=true would run the layers uncompiled (torch.compile does "
+            "not trace inside a checkpointed layer); use gradient_checkpointing 'selective' or false, or compile false"
+        )
     if args["quantization"] not in QUANTIZATIONS:
         problems.append(f"`quantization`={args['quantization']!r} must be one of {', '.join(QUANTIZATIONS)}")
     if problems:

@@ -46,20 +46,18 @@ def test_nothing_changes_without_tcmalloc_or_off_linux(monkeypatch):
     assert allocator.tcmalloc_environment({}) is None
 
 
-_MAPS = "print(any('tcmalloc' in line for line in open('/proc/self/maps')))"
+# Re-runs itself (the same `python -c`), then prints whether tcmalloc is mapped into the process.
+_RERUN = (
+    "from lightning_peft.allocator import rerun_with_tcmalloc; rerun_with_tcmalloc(); "
+    "print(any('tcmalloc' in line for line in open('/proc/self/maps')))"
+)
 
 
 @pytest.mark.skipif(allocator.find_tcmalloc() is None, reason="tcmalloc is not installed (libtcmalloc-minimal4)")
-def test_the_rerun_process_runs_on_tcmalloc(monkeypatch):
-    monkeypatch.delenv(allocator.SETTING, raising=False)
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
-    rerun = f"from lightning_peft.allocator import rerun_with_tcmalloc; rerun_with_tcmalloc(['-c', {_MAPS!r}])"
-    assert subprocess.run([sys.executable, "-c", rerun], capture_output=True, text=True).stdout.strip() == "True"
-    kept = subprocess.run(
-        [sys.executable, "-c", rerun], env={**_environ(), allocator.SETTING: "glibc"}, capture_output=True, text=True
-    )
-    assert kept.stdout.strip() == ""  # not re-run: the caller goes on with glibc
-
-
-def _environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in (allocator.SETTING, "LD_PRELOAD")}
+@pytest.mark.parametrize(("setting", "on_tcmalloc"), [(None, "True"), ("glibc", "False")])
+def test_the_rerun_process_runs_on_tcmalloc_unless_told_not_to(setting, on_tcmalloc):
+    environment = {k: v for k, v in os.environ.items() if k not in (allocator.SETTING, "LD_PRELOAD")}
+    if setting:
+        environment[allocator.SETTING] = setting
+    done = subprocess.run([sys.executable, "-c", _RERUN], env=environment, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == on_tcmalloc

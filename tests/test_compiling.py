@@ -48,7 +48,7 @@ def _loss_and_grads(module: PeftCausalLM, batch: dict) -> tuple[torch.Tensor, di
 
 @pytest.mark.parametrize(
     "gradient_checkpointing",
-    ["selective", pytest.param(False, marks=pytest.mark.slow), pytest.param(True, marks=pytest.mark.slow)],
+    ["selective", pytest.param(False, marks=pytest.mark.slow)],
 )
 def test_compiled_layers_train_like_eager(tiny_model_dir, gradient_checkpointing):
     torch._dynamo.reset()
@@ -81,6 +81,11 @@ def test_compiled_layers_stay_eager_without_grad(tiny_model_dir):
 def _graphs() -> int:
     """How many graphs dynamo has compiled in this process."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compile_with_whole_layer_checkpoints_is_refused(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"would run the layers uncompiled .* use gradient_checkpointing 'selective'"):
+        PeftCausalLM(str(tiny_model_dir), compile=True, gradient_checkpointing=True)
 
 
 def test_compile_setting_is_checked(tiny_model_dir):

@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_peft.allocator import rerun_with_tcmalloc
 
         # Training peaks at nearly twice its live tensors on glibc's heap (lightning_peft.allocator).
-        rerun_with_tcmalloc(["-m", "lightning_peft", *sys.argv[1:]])
+        rerun_with_tcmalloc()
     cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="lpeft")
 
 
