@@ -5,7 +5,9 @@
 Generates ROWS synthetic multi-turn conversations (JSON Lines, about 300 tokens each with SmolLM2's tokenizer and
 chat template) in a temporary folder, then measures each preparation in a fresh process, cold cache then warm:
 
-- lightning-peft: `SFTDataModule(train_file=..., tokenizer=SmolLM2)`, `setup("fit")` and the first training batch.
+- lightning-peft: `SFTDataModule(train_file=..., tokenizer=SmolLM2)`, `setup("fit")` and the first training batch;
+  then the same with `packing=True` twice on the warm cache (the first start plans the rows, the second reads
+  the plan back).
 - datasets.map, as TRL's SFTTrainer prepares conversations: `load_dataset("json")`, then a `map` that calls
   `apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)` per row (TRL's
   `assistant_only_loss`), with `num_proc` processes, then the first batch of 4 rows padded.
@@ -107,18 +109,19 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
             out.write(json.dumps({"messages": messages}) + "\n")
 
 
-def child_lpeft(file: str, num_proc: int | None, start: float) -> dict:
+def child_lpeft(file: str, num_proc: int | None, start: float, packing: bool = False) -> dict:
     from lightning_peft.data import SFTDataModule
     from lightning_peft.models import load_tokenizer
 
     kwargs = {} if num_proc is None else {"num_proc": num_proc}
-    dm = SFTDataModule(train_file=file, tokenizer=load_tokenizer(TOKENIZER), max_length=1024, **kwargs)
+    dm = SFTDataModule(train_file=file, tokenizer=load_tokenizer(TOKENIZER), max_length=1024, packing=packing, **kwargs)
     dm.setup("fit")
     prepared = time.time() - start
     next(iter(dm.train_dataloader()))
     stats = dm.stats["train"]
     return {"prepared_s": prepared, "first_batch_s": time.time() - start, "tokens": stats["tokens"],
-            "examples": stats["examples"], "from_cache": dm.train_dataset.data.from_cache}  # fmt: skip
+            "examples": stats["examples"], "from_cache": dm.train_dataset.data.from_cache,
+            "rows": len(dm.train_dataset)}  # fmt: skip
 
 
 def child_datasets(file: str, num_proc: int | None, start: float) -> dict:
@@ -202,6 +205,11 @@ def measure(rows: int, num_proc: int | None, kinds: list[str], workdir: Path) ->
         cold = run_child(kind, file, cache, num_proc)
         warm = run_child(kind, file, cache, num_proc)
         size = folder_bytes(cache)
+        if kind == "lpeft":  # packing: the first start plans the rows, the next reads the plan from the cache
+            results["lpeft-packed"] = {
+                "first": run_child("lpeft-packed", file, cache, num_proc),
+                "warm": run_child("lpeft-packed", file, cache, num_proc),
+            }
         results[kind] = {
             "cold": cold,
             "warm": warm,
@@ -229,6 +237,12 @@ def table(results: dict) -> str:
                 f"| {r['cold']['peak_memory_mb']:,.0f} | {r['warm']['peak_memory_mb']:,.0f} | {r['cache_mb']:,.0f} "
                 f"| {r['cache_over_token_bytes']:.2f} |"
             )
+    if "lpeft-packed" in results:
+        first, warm = results["lpeft-packed"]["first"], results["lpeft-packed"]["warm"]
+        lines += ["", f"lightning-peft with packing (rows of up to 1024 tokens, {warm['rows']:,} rows): first batch "
+                  f"{first['first_batch_s']:.1f} s on the first packed start (tokens cached, rows planned), "
+                  f"{warm['first_batch_s']:.1f} s warm (plan cached); {warm['cpu_s']:.1f} CPU s, "
+                  f"peak memory {warm['peak_memory_mb']:,.0f} MB."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -239,13 +253,15 @@ def main() -> None:
     parser.add_argument("--skip-datasets", action="store_true", help="measure lightning-peft only")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the data and caches here")
-    parser.add_argument("--child", choices=["lpeft", "datasets"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["lpeft", "lpeft-packed", "datasets"], help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--start", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child = child_lpeft if args.child == "lpeft" else child_datasets
-        print(json.dumps(child(args.file, args.num_proc, args.start)))
+        if args.child == "datasets":
+            print(json.dumps(child_datasets(args.file, args.num_proc, args.start)))
+        else:
+            print(json.dumps(child_lpeft(args.file, args.num_proc, args.start, packing=args.child == "lpeft-packed")))
         return
     kinds = ["lpeft"] if args.skip_datasets else ["lpeft", "datasets"]
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:

@@ -4,6 +4,7 @@ progress output, and rebuilding damaged entries. The figures at scale come from 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 
@@ -164,3 +165,77 @@ def test_damaged_cache_entry_is_rebuilt(jsonl, tiny_tokenizer, damage, caplog):
 def test_num_proc_is_checked():
     with pytest.raises(ConfigError, match=r"`num_proc`=0 must be an integer of at least 1"):
         SFTDataModule("train.jsonl", num_proc=0)
+
+
+# ---- what a warm start skips: hashing an unchanged file, planning the same packing again ----------------------
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("computed again instead of read from the cache")
+
+
+def test_source_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(data_cache, "_RACY_SECONDS", 0.0)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one"}\n')
+    first = data_cache.source_digest(data)
+    with monkeypatch.context() as patched:
+        patched.setattr(data_cache, "_sha256_of_files", _must_not_run)
+        assert data_cache.source_digest(data) == first  # the stat is unchanged: the remembered digest
+    # Same size, modification time put back (as `cp -p` or `rsync -t` would): the change time still moved.
+    stat = data.stat()
+    data.write_text('{"text": "two"}\n')
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = data_cache.source_digest(data)
+    assert second != first
+    assert second == data_cache._sha256_of_files(data, [data])
+
+
+def test_recently_changed_files_are_hashed_every_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_cache, "_RACY_SECONDS", 3600.0)  # every file counts as just written
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one"}\n')
+    data_cache.source_digest(data)
+    assert not list(data_cache.cache_dir().glob("digests/*.json"))
+
+
+def test_dataset_folder_digest_notices_a_changed_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_cache, "_RACY_SECONDS", 0.0)
+    folder = tmp_path / "saved"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "a.arrow").write_bytes(b"first")
+    before = data_cache.source_digest(folder)
+    (folder / "train" / "b.arrow").write_bytes(b"second")
+    assert data_cache.source_digest(folder) != before
+
+
+def test_packing_plan_is_kept_in_the_cache_and_checked(monkeypatch, caplog):
+    from lightning_peft.data import packing
+
+    lengths = np.random.default_rng(1).integers(1, 40, 300)
+    items, offsets = packing.packing_plan(lengths, 64)
+    rows = [items[a:b].tolist() for a, b in itertools.pairwise(offsets)]
+    assert rows == packing.first_fit_decreasing(lengths.tolist(), 64)
+    (entry,) = (data_cache.cache_dir() / "packing").glob("*.safetensors")
+    with monkeypatch.context() as patched:
+        patched.setattr(packing, "first_fit_decreasing", _must_not_run)
+        again = packing.packing_plan(lengths, 64)  # read back, not planned again
+    assert np.array_equal(again[0], items) and np.array_equal(again[1], offsets)
+    assert len(packing.packing_plan(lengths, 80)[1]) < len(offsets)  # another capacity, another plan
+    # A plan that does not fit the lengths (here: an overfull row) is planned again, with a warning.
+    from safetensors.numpy import save_file
+
+    save_file({"items": items, "offsets": np.array([0, len(items)])}, str(entry))
+    with caplog.at_level(logging.WARNING):
+        rebuilt = packing.packing_plan(lengths, 64)
+    assert np.array_equal(rebuilt[1], offsets) and "overfull" in caplog.text
+
+
+def test_packing_plan_stays_off_disk_without_the_cache(jsonl, tiny_tokenizer):
+    dm = SFTDataModule(train_file=jsonl, tokenizer=tiny_tokenizer, max_length=MAX_LENGTH, packing=True,
+                       cache=False)  # fmt: skip
+    dm.setup("fit")
+    assert len(dm.train_dataset) > 0
+    assert not (data_cache.cache_dir() / "packing").exists()

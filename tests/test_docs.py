@@ -35,11 +35,6 @@ OTHER_PROGRAMS_FLAGS = {
     "--nodes", "--ntasks-per-node", "--gpus-per-node",  # SLURM
     "--no-deps",  # pip
     "--max-lora-rank",  # vLLM
-    "--mode", "--threads", "--systems", "--parts", "--dry-run",  # benchmarks/
-    "--max-length", "--rows", "--packed-attention", "--layers", "--steps", "--lengths", "--warmup",  # benchmarks/
-    "--examples", "--shape", "--timeout", "--gradient-checkpointing",  # benchmarks/
-    "--batch", "--length", "--batch-size", "--timing-steps", "--no-census",  # benchmarks/
-    "--documents", "--variants", "--curve-steps", "--repeats",  # benchmarks/
     "--strict",  # mkdocs build
 }  # fmt: skip
 # Deliberately wrong, in the pages' examples of error messages.
@@ -268,9 +263,15 @@ def test_commands_and_their_options_exist(name, text):
     assert not stale, f"{name} names commands or options lpeft does not have:\n" + "\n".join(stale)
 
 
+def _benchmark_flags() -> set[str]:
+    """The options the scripts under benchmarks/ define (argparse)."""
+    option = re.compile(r"add_argument\(\s*\"(--[\w-]+)\"")
+    return {flag for script in (REPO / "benchmarks").rglob("*.py") for flag in option.findall(script.read_text())}
+
+
 def _all_flags() -> set[str]:
     cli, _ = _cli()
-    flags = {"--version", "--debug", "--help"}
+    flags = {"--version", "--debug", "--help"} | _benchmark_flags()
     for command in cli.commands.values():
         flags |= {o for p in command.params for o in [*p.opts, *p.secondary_opts] if o.startswith("--")}
     return flags

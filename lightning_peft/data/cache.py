@@ -13,11 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.atomic import staged_file
+import numpy as np
+
+from lightning_peft import atomic
 from lightning_peft.data import token_file
 from lightning_peft.data.readers import require_exists
 from lightning_peft.data.tokenized import TokenizedData
@@ -72,6 +75,30 @@ def cached(
     return data
 
 
+def cached_arrays(
+    name: str, build: Callable[[], dict[str, np.ndarray]], check: Callable[[dict[str, np.ndarray]], None]
+) -> dict[str, np.ndarray]:
+    """Small derived arrays kept in the cache folder under `name` (a safetensors file): read back when `check`
+    accepts them, else built, stored atomically and returned. A read-only cache folder only costs the rebuild."""
+    from safetensors.numpy import load_file, save_file
+
+    target = cache_dir() / name
+    if target.exists():
+        try:
+            arrays = load_file(target)
+            check(arrays)
+            return arrays
+        except Exception as err:  # a damaged entry is rebuilt rather than trusted
+            log.warning("Ignoring the unreadable cache entry %s (%s); computing it again.", target, err)
+    arrays = build()
+    try:
+        with atomic.staged_file(target) as staging:
+            save_file(arrays, str(staging))
+    except OSError as err:
+        log.debug("Could not keep %s in the cache (%s)", target, err)
+    return arrays
+
+
 def cache_key(path: str | Path, settings: Mapping[str, Any], tokenizer: Any, source: str | None = None) -> str:
     """sha256 over the data (its bytes, or the `source` digest given), the settings, the tokenizer and the version."""
     digest = hashlib.sha256()
@@ -83,10 +110,38 @@ def cache_key(path: str | Path, settings: Mapping[str, Any], tokenizer: Any, sou
 
 
 def source_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of every file (relative name and bytes) in a `datasets` folder."""
+    """sha256 of a file's bytes, or of every file (relative name and bytes) in a `datasets` folder.
+
+    Hashing a data set of millions of rows takes seconds at every start, so the digest is remembered with the
+    files' stat (size, modification and change times, inode): it is reused while that is unchanged, as git and
+    make trust a file's stat. The change time cannot be set back by tools that keep the modification time
+    (`cp -p`, `rsync -t`), and files modified within `_RACY_SECONDS` of being hashed are not remembered (a write
+    in the same clock tick could leave the stat as it was).
+    """
     path = require_exists(path)
-    digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    memo = _digest_memo(path)
+    stamp = _stamp(path, files)
+    remembered = _read_json(memo)
+    if remembered.get("stamp") == stamp and isinstance(remembered.get("sha256"), str):
+        return remembered["sha256"]
+    hashed_at = time.time()
+    digest = _sha256_of_files(path, files)
+    newest = max((entry[2] for entry in stamp), default=0) / 1e9  # the latest change time
+    if newest < hashed_at - _RACY_SECONDS and _stamp(path, files) == stamp:
+        try:
+            atomic.write_text(memo, json.dumps({"path": str(path), "stamp": stamp, "sha256": digest}))
+        except OSError as err:  # a read-only cache still works; it hashes at every start
+            log.debug("Could not remember the digest of %s (%s)", path, err)
+    return digest
+
+
+# A file changed this recently may change again within the clock tick of its recorded stat: hash it every time.
+_RACY_SECONDS = 2.0
+
+
+def _sha256_of_files(path: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
     for file in files:
         if path.is_dir():
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
@@ -94,6 +149,30 @@ def source_digest(path: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _stamp(path: Path, files: list[Path]) -> list[list]:
+    """Each file's relative name, size, change and modification times (ns), inode and device."""
+    stamp = []
+    for file in files:
+        stat = file.stat()
+        name = file.relative_to(path).as_posix() if path.is_dir() else ""
+        stamp.append([name, stat.st_size, stat.st_ctime_ns, stat.st_mtime_ns, stat.st_ino, stat.st_dev])
+    return stamp
+
+
+def _digest_memo(path: Path) -> Path:
+    """Where the digest of the data at `path` is remembered (one small JSON file per absolute path)."""
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+    return cache_dir() / "digests" / f"{name}.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -111,7 +190,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def _save(target: Path, parts: Iterable[TokenizedData]) -> None:
-    with staged_file(target) as staging:
+    with atomic.staged_file(target) as staging:
         token_file.write(staging, parts, {"version": str(CACHE_VERSION)})
 
 

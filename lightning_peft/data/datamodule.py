@@ -387,7 +387,7 @@ class SFTDataModule(LightningDataModule):
 
     def _dataset(self, data: TokenizedData, split_name: str, shuffle: bool) -> Dataset:
         if self.packing:
-            packed = PackedDataset(data, self.max_length)
+            packed = PackedDataset(data, self.max_length, cache=self.cache)
             self.stats[split_name].update(rows=len(packed), packing_efficiency=round(packed.efficiency, 4))
             _info(
                 "%s: packed %d examples into %d rows of up to %d tokens; %.1f%% of the row tokens are real",
