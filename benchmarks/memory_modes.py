@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 MIB = 1 << 20
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.*)$")
+# Decoder layers are `layers.N` (Llama, Mistral, Qwen, GPT-NeoX ...) or `h.N` (GPT-2, Falcon, Bloom, GPT-Neo).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.*)$")
 _ADAPTER_SUFFIX = re.compile(r"\.(default|lora_[AB]|lora_dropout)(\.default)?$")
 
 

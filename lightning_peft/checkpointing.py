@@ -1,4 +1,4 @@
-"""Gradient checkpointing: off, every decoder layer (`true`), or only the MLPs' wide intermediates (`selective`).
+"""Gradient checkpointing: off, every decoder layer (`true`), or only the MLPs' intermediates (`selective`).
 
 Without checkpointing, most of what a decoder layer's backward keeps is its MLP's: the gate and up projections'
 outputs, the activation and the product (each `intermediate_size` wide, about 2.7x the hidden size), the
@@ -8,6 +8,10 @@ activation and the product in the backward from the MLP's input, which is all it
 base matmul is not recomputed (its frozen weight needs no input to backpropagate). Attention, whose recompute
 costs the most per byte saved, keeps its activations. Full checkpointing keeps only each layer's input and
 recomputes everything.
+
+Other MLP shapes (GPT-2, GPT-NeoX, Falcon, Bloom, Phi-3's fused gate/up, mixture-of-experts blocks) are
+checkpointed whole under `selective`: the MLP keeps only its input and runs its forward again in the backward.
+Only a decoder whose layers have no `mlp` module falls back to checkpointing every layer.
 
 Both use torch's non-reentrant checkpoint, which needs no input that requires grad: the embedding-output hook
 transformers and PEFT add for the reentrant kind is removed, so layer 0 computes no gradient nobody uses.
@@ -48,29 +52,38 @@ def check_setting(value: Any) -> None:
         raise ConfigError(problem + ".")
 
 
-def gated_mlps(model: torch.nn.Module) -> list[torch.nn.Module] | None:
-    """Each decoder layer's gated MLP, or None when some layer has none (another MLP shape, an MoE block ...)."""
+def layer_mlps(model: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """Each decoder layer's MLP (its `mlp` module, mixture-of-experts blocks included), or None when some layer
+    has none."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     mlps = [getattr(layer, "mlp", None) for layer in layers]
-    if not layers or any(mlp is None or not all(hasattr(mlp, p) for p in _GATED_MLP_PARTS) for mlp in mlps):
+    if not layers or any(not isinstance(mlp, torch.nn.Module) for mlp in mlps):
         return None
     return mlps
+
+
+def is_gated(mlp: torch.nn.Module) -> bool:
+    """Whether `mlp` is a gated (SwiGLU / GeGLU) MLP with separate gate and up projections."""
+    return all(hasattr(mlp, part) for part in _GATED_MLP_PARTS)
 
 
 def enable(model: torch.nn.Module, setting: GradientCheckpointing) -> None:
     """Turn on `setting` for `model` (a transformers model, before or after PEFT injection)."""
     check_setting(setting)
     if setting == SELECTIVE:
-        mlps = gated_mlps(model)
+        mlps = layer_mlps(model)
         if mlps is not None:
             for mlp in mlps:
-                mlp.forward = types.MethodType(_selective_forward, mlp)
+                if is_gated(mlp):
+                    mlp.forward = types.MethodType(_selective_forward, mlp)
+                else:
+                    mlp.forward = _recomputed_in_backward(mlp, mlp.forward)
             return
         log.warning(
-            "`gradient_checkpointing: selective` needs decoder layers with a gated MLP (gate_proj, up_proj, "
-            "down_proj, act_fn); %s has none, so every layer is checkpointed instead (as with `true`).",
+            "`gradient_checkpointing: selective` recomputes each decoder layer's `mlp` module; %s has decoder "
+            "layers without one, so every layer is checkpointed instead (as with `true`).",
             type(model).__name__,
         )
     if setting:
@@ -82,6 +95,17 @@ def enable(model: torch.nn.Module, setting: GradientCheckpointing) -> None:
         model.disable_input_require_grads()  # only the reentrant checkpoint needs inputs that require grad
     if setting is not False:
         model.config.use_cache = False
+
+
+def _recomputed_in_backward(mlp: torch.nn.Module, forward: Any) -> Any:
+    """`forward` keeping only its inputs while training: the backward runs it again (same RNG state)."""
+
+    def forward_recomputed_in_backward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and mlp.training:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return forward_recomputed_in_backward
 
 
 def _gated_product(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +165,8 @@ def recompute_adapter_dropout(model: torch.nn.Module) -> None:
     """
     from peft.tuners.lora.layer import LoraLayer
 
-    in_mlps = {id(m) for mlp in gated_mlps(model) or [] for m in mlp.modules()}
+    # Inside the MLPs, `selective` already keeps only each MLP's input.
+    in_mlps = {id(m) for mlp in layer_mlps(model) or [] for m in mlp.modules()}
     for layer in model.modules():
         if isinstance(layer, LoraLayer) and id(layer) not in in_mlps and _plain_lora(layer):
             for name in layer.active_adapters:

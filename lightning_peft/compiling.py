@@ -51,13 +51,20 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Replace each decoder layer's forward with its compiled version (in place); return how many layers.
 
     Raises:
-        ConfigError: the model has no decoder layers transformers marks as such (nothing to compile).
+        ConfigError: the model has no decoder layers transformers marks as such (nothing to compile), or they are
+            checkpointed whole, which dynamo does not trace into (the layers would silently run eager).
     """
     layers = decoder_layers(model)
     if not layers:
         raise ConfigError(
             f"`compile: true` compiles the decoder layers, and {type(model).__name__} has none that transformers "
             "marks (GradientCheckpointingLayer); set `model.compile: false`."
+        )
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        raise ConfigError(
+            f"`compile: true` would run the decoder layers of {type(model).__name__} uncompiled: each is "
+            "checkpointed whole (`gradient_checkpointing: selective` falls back to that on layers without an `mlp` "
+            "module); set `model.gradient_checkpointing: false`, or `model.compile: false`."
         )
     for layer in layers:
         layer.forward = _compiled_while_training(layer.forward)

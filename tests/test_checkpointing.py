@@ -114,13 +114,39 @@ def test_unknown_setting_is_refused():
         PeftCausalLM("unused", gradient_checkpointing="full")
 
 
+# Mixtral without dropout only: PEFT adapts its fused expert weights without dropout (a ConfigError otherwise).
+_OTHER_MLPS = [(f, d) for f in ("gpt2", "phi3", "gpt_neox", "falcon", "bloom") for d in (0.0, 0.3)] + [("mixtral", 0.0)]
+
+
+@pytest.mark.parametrize(("family_dir", "dropout"), _OTHER_MLPS, indirect=["family_dir"])
+def test_selective_recomputes_other_mlp_shapes_whole(family_dir, dropout):
+    module = _module(family_dir, "selective", dropout)
+    layers = [m for m in module.model.modules() if hasattr(m, "mlp") and hasattr(m, "gradient_checkpointing")]
+    assert layers and not any(layer.gradient_checkpointing for layer in layers)  # no whole-layer checkpoint
+    assert all("recomputed_in_backward" in str(layer.mlp.forward) for layer in layers)
+    _assert_same_step(module, _module(family_dir, False, dropout))
+    kept = {}
+    for mode in (False, "selective"):
+        counted = _module(family_dir, mode, dropout)
+        kept[mode] = per_layer(saved_bytes(counted.model, lambda m=counted: m(_batch()).logits.sum()))[0]
+    # The MLP keeps its input only (saved by the checkpoint, counted under the layer, not under `mlp.`).
+    assert any(source.startswith("mlp.") for source in kept[False]), kept[False]
+    assert not [source for source in kept["selective"] if source.startswith("mlp.")], kept["selective"]
+    assert sum(kept["selective"].values()) < sum(kept[False].values())
+
+
 @pytest.mark.parametrize("family_dir", ["gpt2"], indirect=True)
-def test_selective_falls_back_to_full_checkpointing_without_a_gated_mlp(family_dir, caplog):
+def test_selective_falls_back_to_full_checkpointing_without_mlp_modules(family_dir, caplog, monkeypatch):
+    from lightning_peft import checkpointing
+
+    monkeypatch.setattr(checkpointing, "layer_mlps", lambda model: None)  # as on a decoder without `mlp` modules
     with caplog.at_level(logging.WARNING, logger="lightning_peft.checkpointing"):
         module = _module(family_dir, "selective")
-    assert "has none, so every layer is checkpointed instead" in caplog.text
+    assert "layers without one, so every layer is checkpointed instead" in caplog.text
     assert module.model.base_model.model.is_gradient_checkpointing
     _assert_same_step(module, _module(family_dir, False))
+    with pytest.raises(ConfigError, match=r"would run the decoder layers of .* uncompiled"):
+        _module(family_dir, "selective", compile=True)
 
 
 @pytest.mark.slow  # two 2-process runs; the single-process tests above check the same equality faster

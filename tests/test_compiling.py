@@ -51,10 +51,31 @@ def _loss_and_grads(module: PeftCausalLM, batch: dict) -> tuple[torch.Tensor, di
     ["selective", pytest.param(False, marks=pytest.mark.slow)],
 )
 def test_compiled_layers_train_like_eager(tiny_model_dir, gradient_checkpointing):
+    _assert_compiled_trains_like_eager(tiny_model_dir, gradient_checkpointing)
+
+
+@pytest.mark.slow  # a second compile; the tiny Llama above covers the gated MLP's selective forward
+def test_compiled_gpt2_layers_with_the_whole_mlp_recomputed_train_like_eager(tmp_path):
+    import json
+
+    from tiny_families import save_family_model
+
+    folder = save_family_model("gpt2", tmp_path / "gpt2")
+    # GPT-2's dropouts (0.1) draw other masks in compiled code (inductor's own RNG): off, so the steps compare.
+    # Its tanh-approximated GELU ("gelu_new") compiled inside the MLP's checkpoint moves the loss by up to 5e-4
+    # relative (not reproduced on the MLP alone, nor without the checkpoint): the exact GELU keeps the comparison
+    # to the rounding of the arithmetic. Noted in docs/performance.md, "Compile and precision".
+    config = json.loads((folder / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu")
+    (folder / "config.json").write_text(json.dumps(config))
+    _assert_compiled_trains_like_eager(folder, "selective")
+
+
+def _assert_compiled_trains_like_eager(folder, gradient_checkpointing) -> None:
     torch._dynamo.reset()
     graphs = _graphs()
-    eager = _module(tiny_model_dir, gradient_checkpointing=gradient_checkpointing)
-    compiled = _module(tiny_model_dir, gradient_checkpointing=gradient_checkpointing, compile=True)
+    eager = _module(folder, gradient_checkpointing=gradient_checkpointing)
+    compiled = _module(folder, gradient_checkpointing=gradient_checkpointing, compile=True)
     # Falling back to eager (too many graphs) would make the comparison pass without compiling anything.
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for batch in _batches():
