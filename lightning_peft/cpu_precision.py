@@ -3,8 +3,9 @@
 CPUs with AVX512-BF16 or AMX multiply bf16 matrices several times faster than fp32 ones, but a training step is
 more than its matmuls (casts, norms, the optimizer), and whether `bf16-mixed` wins depends on the model and the
 CPU. So `lpeft fit` times one LoRA training step (forward, loss, backward, AdamW step) of the run's base model in
-`32-true` and in `bf16-mixed`, on one row of the run's length, and picks `bf16-mixed` only when it is clearly faster
-(`MARGIN`). The answer is cached per CPU, torch version, thread count, model and row length
+`32-true` and in `bf16-mixed`, with the run's adapter and quantization (QLoRA's 4-bit layers compute in the
+step's dtype too), on one row of the run's length, and picks `bf16-mixed` only when it is clearly faster
+(`MARGIN`). The answer is cached per CPU, torch version, thread count, model, quantization, adapter and row length
 (`<cache>/cpu-precision.json`), so the probe is paid once. CPUs without native bf16 (where a bf16 matmul is
 hundreds of times slower) never run it and stay in fp32; `LPEFT_PRECISION_PROBE=0` turns it off (fp32).
 """
@@ -44,16 +45,21 @@ def probe_enabled() -> bool:
     return os.environ.get(PROBE_ENV, "1") != "0" and native_bf16()
 
 
-def measured_precision(model_name_or_path: str, quantization: str = "none", tokens: int = PROBE_TOKENS) -> str:
-    """`bf16-mixed` when a training step of this model measured faster in it on this CPU, else `32-true`."""
+def measured_precision(
+    model_name_or_path: str, quantization: str = "none", tokens: int = PROBE_TOKENS, adapter: Any = None
+) -> str:
+    """`bf16-mixed` when a training step of this model measured faster in it on this CPU, else `32-true`.
+
+    `adapter` is the run's `adapter` setting (see `adapters.build_peft_config`; None: LoRA's defaults).
+    """
     tokens = min(tokens, PROBE_TOKENS)
-    key = cache_key(model_name_or_path, quantization, tokens)
+    key = cache_key(model_name_or_path, quantization, tokens, adapter)
     cached = _read_cache().get(key)
     if cached is not None:
         log.info("`trainer.precision`: %s (measured before on this CPU: %s)", cached["precision"], _why(cached))
         return cached["precision"]
     try:
-        seconds = {p: step_seconds(model_name_or_path, p, quantization, tokens) for p in (FP32, BF16)}
+        seconds = {p: step_seconds(model_name_or_path, p, quantization, tokens, adapter=adapter) for p in (FP32, BF16)}
     except Exception as err:  # a model the probe cannot train both ways trains in fp32, as before
         log.info("`trainer.precision`: 32-true (the bf16 probe failed: %s)", err)
         return FP32
@@ -68,15 +74,18 @@ def choose(seconds: dict[str, float]) -> str:
     return BF16 if seconds[BF16] <= MARGIN * seconds[FP32] else FP32
 
 
-def step_seconds(model_name_or_path: str, precision: str, quantization: str, tokens: int, steps: int = 2) -> float:
-    """The best of `steps` timed LoRA training steps on one row of `tokens` random tokens, after a warm-up step."""
+def step_seconds(
+    model_name_or_path: str, precision: str, quantization: str, tokens: int, steps: int = 2, adapter: Any = None
+) -> float:
+    """The best of `steps` timed training steps of the `adapter` on one row of `tokens` random tokens, after a
+    warm-up step."""
     import torch
 
     from lightning_peft import adapters
     from lightning_peft.models import dtype_for_precision, load_base_model
 
     base = load_base_model(model_name_or_path, quantization=quantization, dtype=dtype_for_precision(precision))
-    model = adapters.inject_adapter(base, adapters.build_peft_config(None), quantized=quantization != "none")
+    model = adapters.inject_adapter(base, adapters.build_peft_config(adapter), quantized=quantization != "none")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(3, model.get_input_embeddings().num_embeddings, (1, tokens))
@@ -93,12 +102,13 @@ def step_seconds(model_name_or_path: str, precision: str, quantization: str, tok
     return min(times[1:])
 
 
-def cache_key(model_name_or_path: str, quantization: str, tokens: int) -> str:
-    """What the answer depends on: the CPU, torch, its threads, the model and the row length."""
+def cache_key(model_name_or_path: str, quantization: str, tokens: int, adapter: Any = None) -> str:
+    """What the answer depends on: the CPU, torch, its threads, the model, its adapter and the row length."""
     import torch
 
     parts = (cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", str(model_name_or_path))
-    return "|".join((*parts, quantization, f"{tokens} tokens"))
+    adapter_key = "default adapter" if adapter is None else json.dumps(adapter, sort_keys=True, default=str)
+    return "|".join((*parts, quantization, adapter_key, f"{tokens} tokens"))
 
 
 def cpu_name() -> str:

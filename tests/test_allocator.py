@@ -61,3 +61,47 @@ def test_the_rerun_process_runs_on_tcmalloc_unless_told_not_to(setting, on_tcmal
         environment[allocator.SETTING] = setting
     done = subprocess.run([sys.executable, "-c", _RERUN], env=environment, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == on_tcmalloc
+
+
+@pytest.fixture
+def on_glibc(monkeypatch):
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("glibc", "2.36"))
+
+
+def test_a_hint_names_the_package_when_tcmalloc_is_missing(on_glibc, monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    hint = allocator.missing_tcmalloc_hint({})
+    assert "libtcmalloc-minimal4" in hint and "gperftools" in hint and f"{allocator.SETTING}=glibc" in hint
+    assert "\n" not in hint
+
+
+@pytest.mark.parametrize(
+    ("environ", "found", "libc"),
+    [
+        ({}, "libtcmalloc_minimal.so.4", "glibc"),  # installed: the process already re-ran on it
+        ({allocator.SETTING: "glibc"}, None, "glibc"),  # the user chose glibc
+        ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, None, "glibc"),  # the user brought an allocator
+        ({}, None, ""),  # not glibc (musl): the measurement does not apply
+    ],
+)
+def test_no_hint_where_the_choice_is_made(on_glibc, monkeypatch, environ, found, libc):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: found)
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: (libc, ""))
+    assert allocator.missing_tcmalloc_hint(environ) is None
+
+
+def test_lpeft_fit_gives_the_hint_once_it_runs(on_glibc, monkeypatch, tmp_path, tiny_model_dir, caplog):
+    import logging
+
+    from test_adapter_checkpoint import write_run_config
+
+    from lightning_peft.cli.lightning import run_lightning_cli
+
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
+    monkeypatch.delenv(allocator.SETTING, raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    config = write_run_config(tmp_path, tiny_model_dir, max_steps=1, enable_checkpointing=False)
+    with caplog.at_level(logging.INFO, logger="lightning_peft"):
+        run_lightning_cli(["fit", "--config", str(config)])
+    assert [r.getMessage() for r in caplog.records].count(allocator.missing_tcmalloc_hint({})) == 1

@@ -20,12 +20,13 @@ def probe(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_precision, "native_bf16", lambda: True)
     calls = []
 
-    def step_seconds(model, precision, quantization, tokens):
+    def step_seconds(model, precision, quantization, tokens, adapter=None):
         calls.append((model, precision, tokens))
+        fake.adapters.append(adapter)
         return fake.seconds[precision]
 
     monkeypatch.setattr(cpu_precision, "step_seconds", step_seconds)
-    fake = Namespace(seconds={FP32: 1.0, BF16: 0.5}, calls=calls)
+    fake = Namespace(seconds={FP32: 1.0, BF16: 0.5}, calls=calls, adapters=[])
     return fake
 
 
@@ -44,6 +45,10 @@ def test_measured_once_then_cached(probe, caplog):
     probe.seconds = {FP32: 1.0, BF16: 2.0}
     assert cpu_precision.measured_precision("other-model") == FP32  # another model, another measurement
     assert len(probe.calls) == 4
+    probe.seconds = {FP32: 1.0, BF16: 0.5}
+    dora = {"r": 8, "use_dora": True}
+    assert cpu_precision.measured_precision("other-model", adapter=dora) == BF16  # another adapter, measured
+    assert len(probe.calls) == 6 and probe.adapters[-1] == dora
 
 
 def test_failed_probe_keeps_fp32(probe, monkeypatch):
@@ -54,10 +59,10 @@ def test_failed_probe_keeps_fp32(probe, monkeypatch):
     assert cpu_precision.measured_precision("some-model") == FP32
 
 
-def _config(**trainer):
+def _config(adapter=None, **trainer):
     return Namespace(
         trainer=Namespace(precision=None, **trainer),
-        model=Namespace(init_args=Namespace(model_name_or_path="m", quantization="none")),
+        model=Namespace(init_args=Namespace(model_name_or_path="m", quantization="none", adapter=adapter)),
         data=Namespace(init_args=Namespace(max_length=128)),
     )
 
@@ -71,6 +76,10 @@ def _auto(subcommand, config):
 def test_fit_on_a_bf16_cpu_uses_the_measurement(probe):
     assert _auto("fit", _config(accelerator="auto")) == BF16
     assert probe.calls[-1] == ("m", BF16, 128)
+    # The run's adapter is what the probe trains: class_path/init_args arrive as a jsonargparse Namespace.
+    ia3 = Namespace(class_path="peft.IA3Config", init_args=Namespace(target_modules=["q_proj"]))
+    _auto("fit", _config(adapter=ia3, accelerator="cpu"))
+    assert probe.adapters[-1] == {"class_path": "peft.IA3Config", "init_args": {"target_modules": ["q_proj"]}}
 
 
 @pytest.mark.parametrize(
@@ -85,7 +94,14 @@ def test_fp32_without_a_probe(probe, monkeypatch, subcommand, accelerator, env, 
     assert probe.calls == []
 
 
-def test_a_real_probe_step(tiny_model_dir):
-    """The probe trains the tiny model one LoRA step in each precision (on any CPU; slow ones are only slow)."""
+@pytest.mark.parametrize(
+    ("quantization", "adapter"), [("none", None), ("none", {"r": 4, "use_dora": True}), ("4bit", {"r": 4})]
+)
+def test_a_real_probe_step(tiny_model_dir, quantization, adapter):
+    """The probe trains the tiny model one step of the run's adapter in each precision, QLoRA included (on any
+    CPU; slow ones are only slow)."""
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes")
     for precision in (FP32, BF16):
-        assert cpu_precision.step_seconds(str(tiny_model_dir), precision, "none", tokens=16, steps=1) > 0
+        seconds = cpu_precision.step_seconds(str(tiny_model_dir), precision, quantization, 16, steps=1, adapter=adapter)
+        assert seconds > 0

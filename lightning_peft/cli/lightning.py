@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import typing
 import warnings
 from typing import Any, NoReturn
 
+from jsonargparse import Namespace, namespace_to_dict
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_peft import cpu_precision
 from lightning_peft.adapters import adalora_total_step, is_adalora
+from lightning_peft.allocator import missing_tcmalloc_hint
 from lightning_peft.callbacks import AdapterCheckpoint, MetricHistory, PredictionWriter, RunSummary
 from lightning_peft.cli.config_errors import one_line
 from lightning_peft.data import SFTDataModule
@@ -109,6 +113,9 @@ class LpeftCLI(LightningCLI):
             config.trainer.precision = self._auto_precision(config)
         _fill_adalora_total_step(config)
         _default_loggers(config)
+        hint = missing_tcmalloc_hint(os.environ) if self.subcommand == "fit" else None
+        if hint and getattr(rank_zero_only, "rank", 0) == 0:
+            log.info(hint)
 
     def _auto_precision(self, config: Any) -> str:
         """`auto_precision()`, except where `fit` runs on a CPU with native bf16: there a measured choice."""
@@ -119,8 +126,12 @@ class LpeftCLI(LightningCLI):
         if not cpu_precision.probe_enabled():
             return precision
         model, data = config.model.get("init_args") or config.model, config.data.get("init_args") or config.data
+        adapter = model.get("adapter")
         return cpu_precision.measured_precision(
-            model.get("model_name_or_path"), model.get("quantization") or "none", data.get("max_length") or 512
+            model.get("model_name_or_path"),
+            model.get("quantization") or "none",
+            data.get("max_length") or 512,
+            adapter=namespace_to_dict(adapter) if isinstance(adapter, Namespace) else adapter,
         )
 
     @override
