@@ -32,7 +32,7 @@ from typing import Any
 
 from benchmarks.harness import report
 from benchmarks.harness.systems import BY_NAME, SYSTEMS, System
-from lightning_peft.allocator import tcmalloc_environment
+from lightning_peft.allocator import allocator_environment
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
@@ -250,8 +250,8 @@ def run_one(
     with log_file.open("w") as log:
         try:
             env = {**os.environ, **dict(system.env)}
-            if system.runner == "lpeft":  # as `lpeft fit` runs: on tcmalloc where installed (lightning_peft.allocator)
-                env = tcmalloc_environment(env) or env
+            if system.runner == "lpeft":  # as `lpeft fit` runs: on tcmalloc or tbbmalloc (lightning_peft.allocator)
+                env = allocator_environment(env) or env
             done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
             failed = done.returncode != 0
         except subprocess.TimeoutExpired:

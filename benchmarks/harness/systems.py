@@ -128,8 +128,18 @@ SYSTEMS: tuple[System, ...] = (
         model_class="benchmarks.harness.lpeft.InputGradCheckpointLM",
         default=False,
     ),
-    # `lpeft fit` runs on tcmalloc where it is installed (lightning_peft.allocator); these two run on glibc's malloc:
-    # its defaults (a heap that keeps freed activations), and returning them at once (a fixed mmap threshold).
+    # `lpeft fit` runs on tcmalloc where it is installed, else on tbbmalloc (lightning_peft.allocator); these run on
+    # tbbmalloc, and on glibc's malloc: its defaults (a heap that keeps freed activations), and returning them at
+    # once (a fixed mmap threshold).
+    System(
+        "lpeft-lora-packed-tbbmalloc",
+        "lpeft",
+        "(e) lightning-peft LoRA, packing on, oneTBB's malloc (LPEFT_MALLOC=tbbmalloc)",
+        True,
+        group="lora-packed",
+        env=(("LPEFT_MALLOC", "tbbmalloc"),),
+        default=False,
+    ),
     System(
         "lpeft-lora-packed-glibc",
         "lpeft",

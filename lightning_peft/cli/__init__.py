@@ -68,10 +68,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.path.insert(0, os.getcwd())
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if argv is None and command in LIGHTNING_SUBCOMMANDS:
-        from lightning_peft.allocator import rerun_with_tcmalloc
+        from lightning_peft.allocator import rerun_on_preferred_allocator
 
         # Training peaks at nearly twice its live tensors on glibc's heap (lightning_peft.allocator).
-        rerun_with_tcmalloc()
+        rerun_on_preferred_allocator()
     cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="lpeft")
 
 

@@ -16,9 +16,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from lightning_peft import cpu_precision
+from lightning_peft import allocator, cpu_precision
 from lightning_peft.adapters import adalora_total_step, is_adalora
-from lightning_peft.allocator import missing_tcmalloc_hint
 from lightning_peft.callbacks import AdapterCheckpoint, MetricHistory, PredictionWriter, RunSummary
 from lightning_peft.cli.config_errors import one_line
 from lightning_peft.data import SFTDataModule
@@ -113,7 +112,9 @@ class LpeftCLI(LightningCLI):
             config.trainer.precision = self._auto_precision(config)
         _fill_adalora_total_step(config)
         _default_loggers(config)
-        hint = missing_tcmalloc_hint(os.environ) if self.subcommand == "fit" else None
+        if problem := allocator.setting_problem(os.environ):
+            raise ConfigError(problem + ".")
+        hint = allocator.missing_allocator_hint(os.environ) if self.subcommand == "fit" else None
         if hint and getattr(rank_zero_only, "rank", 0) == 0:
             log.info(hint)
 
