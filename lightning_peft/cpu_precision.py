@@ -17,7 +17,8 @@ import logging
 import os
 import platform
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,10 @@ def measured_precision(
         log.info("`trainer.precision`: %s (measured before on this CPU: %s)", cached["precision"], _why(cached))
         return cached["precision"]
     try:
-        seconds = {p: step_seconds(model_name_or_path, p, quantization, tokens, adapter=adapter) for p in (FP32, BF16)}
+        with _rng_untouched():
+            seconds = {
+                p: step_seconds(model_name_or_path, p, quantization, tokens, adapter=adapter) for p in (FP32, BF16)
+            }
     except Exception as err:  # a model the probe cannot train both ways trains in fp32, as before
         log.info("`trainer.precision`: 32-true (the bf16 probe failed: %s)", err)
         return FP32
@@ -67,6 +71,25 @@ def measured_precision(
     _write_cache(key, result)
     log.info("`trainer.precision`: %s (%s; set trainer.precision to choose)", result["precision"], _why(result))
     return result["precision"]
+
+
+@contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Restore torch's, numpy's and Python's random states afterwards: the run is seeded before the probe, and
+    the probe's model and tokens must not shift its adapter initialization and dropout masks (a first run, which
+    probes, would otherwise train differently from the next ones, which read the cache)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def choose(seconds: dict[str, float]) -> str:

@@ -105,3 +105,22 @@ def test_a_real_probe_step(tiny_model_dir, quantization, adapter):
     for precision in (FP32, BF16):
         seconds = cpu_precision.step_seconds(str(tiny_model_dir), precision, quantization, 16, steps=1, adapter=adapter)
         assert seconds > 0
+
+
+def test_the_probe_leaves_the_runs_random_state_as_it_found_it(tmp_path, monkeypatch, tiny_model_dir):
+    """The run is seeded before the probe: a first run (which probes) and the next (which reads the cache) must
+    draw the same adapter initialization and dropout masks."""
+    import random
+
+    import numpy as np
+    import torch
+
+    monkeypatch.setenv("LPEFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_precision, "PROBE_TOKENS", 16)
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    cpu_precision.measured_precision(str(tiny_model_dir), tokens=16)
+    probed = torch.rand(3), np.random.rand(), random.random()
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    cpu_precision.measured_precision(str(tiny_model_dir), tokens=16)  # from the cache this time
+    cached = torch.rand(3), np.random.rand(), random.random()
+    assert torch.equal(probed[0], cached[0]) and probed[1:] == cached[1:]

@@ -107,13 +107,13 @@ class LpeftCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
+        if problem := allocator.setting_problem(os.environ):
+            raise ConfigError(problem + ".")
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("precision") is None:
             config.trainer.precision = self._auto_precision(config)
         _fill_adalora_total_step(config)
         _default_loggers(config)
-        if problem := allocator.setting_problem(os.environ):
-            raise ConfigError(problem + ".")
         hint = allocator.missing_allocator_hint(os.environ) if self.subcommand == "fit" else None
         if hint and getattr(rank_zero_only, "rank", 0) == 0:
             log.info(hint)
