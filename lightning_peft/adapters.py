@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import json
 import logging
 import os
 import re
@@ -345,12 +346,46 @@ def save_adapter(peft_model: PeftModel, directory: str | os.PathLike, tokenizer:
 
 
 def save_options(peft_model: PeftModel) -> dict[str, Any]:
-    """Extra `save_pretrained` arguments: an adapter with trainable tokens saves its token rows, never the whole
-    embedding matrix that PEFT would save because the vocabulary grew (`lightning_peft.tokens`)."""
+    """Extra `save_pretrained` arguments: whether the whole embedding matrices go into the adapter.
+
+    An adapter with trainable tokens saves its token rows, never the whole matrix that PEFT would save because the
+    vocabulary grew (`lightning_peft.tokens`). Otherwise PEFT's "auto" asks the Hub for the base's config.json
+    (the adapter names the base by its Hub id) to see whether the vocabulary was resized: at every save, offline
+    too, where it warns and, behind a firewall that drops packets, waits out a timeout. When the base was loaded
+    from a folder, its config.json answers instead; PEFT still decides for adapted embeddings (no lookup there).
+    """
     configs = getattr(peft_model, "peft_config", {}).values()
     if any(getattr(config, "trainable_token_indices", None) for config in configs):
         return {"save_embedding_layers": False}
-    return {}
+    resized = _vocabulary_resized(peft_model)
+    if resized is None or _adapts_embeddings(peft_model):
+        return {}
+    return {"save_embedding_layers": resized}
+
+
+def _vocabulary_resized(peft_model: PeftModel) -> bool | None:
+    """Whether the base has other token rows than its config.json on disk says, or None when there is none."""
+    base = peft_model.get_base_model()
+    config_file = Path(getattr(base.config, "_name_or_path", "") or "/nonexistent") / "config.json"
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    vocab_size = saved.get("vocab_size") or (saved.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab_size, int):
+        return None
+    return base.get_input_embeddings().weight.shape[0] != vocab_size
+
+
+def _adapts_embeddings(peft_model: PeftModel) -> bool:
+    """Whether an adapter wraps an input embedding or the LM head (PEFT then saves them whole by itself)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    embeddings = {"embed_tokens", "lm_head"}
+    return any(
+        isinstance(module, BaseTunerLayer) and name.rsplit(".", 1)[-1] in embeddings
+        for name, module in peft_model.named_modules()
+    )
 
 
 def load_adapter(base_model: torch.nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False) -> PeftModel:

@@ -193,3 +193,39 @@ def test_adalora_regularization_is_added_and_is_differentiable(tiny_model_dir):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters.build_peft_config({"r": 2})
     )
     assert adapters.adapter_regularization(lora) is None
+
+
+def _saved_tensor_names(tiny_model_dir, tmp_path, monkeypatch, grow_by: int = 0, targets=("q_proj", "v_proj")):
+    """Save an adapter whose config names its base by a Hub id (as `with_portable_base` writes it), with any Hub
+    lookup failing the test; return the tensor names in the adapter file."""
+    from peft.utils import save_and_load
+    from safetensors import safe_open
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError(f"saving looked the base up on the Hub: {args}")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_lookup)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if grow_by:
+        base.resize_token_embeddings(base.get_input_embeddings().weight.shape[0] + grow_by)
+    model = adapters.inject_adapter(base, adapters.build_peft_config({"r": 4, "target_modules": list(targets)}))
+    model.peft_config["default"].base_model_name_or_path = "some-org/some-base"
+    folder = adapters.save_adapter(model, tmp_path / "adapter")
+    with safe_open(str(folder / "adapter_model.safetensors"), "np") as saved:
+        return set(saved.keys())
+
+
+def test_saving_never_asks_the_hub_about_a_base_loaded_from_a_folder(tiny_model_dir, tmp_path, monkeypatch):
+    names = _saved_tensor_names(tiny_model_dir, tmp_path, monkeypatch)
+    assert names and not any("embed_tokens" in n or "lm_head" in n for n in names)
+
+
+def test_a_grown_vocabulary_saves_the_embeddings_without_asking_the_hub(tiny_model_dir, tmp_path, monkeypatch):
+    names = _saved_tensor_names(tiny_model_dir, tmp_path, monkeypatch, grow_by=8)
+    assert any(n.endswith("embed_tokens.weight") for n in names), names
+
+
+def test_adapted_embeddings_are_left_to_peft(tiny_model_dir, tmp_path, monkeypatch):
+    names = _saved_tensor_names(tiny_model_dir, tmp_path, monkeypatch, targets=("q_proj", "embed_tokens"))
+    assert any("embed_tokens" in n for n in names), names
