@@ -338,3 +338,19 @@ def test_an_unknown_message_role_is_one_line_and_data_roles_maps_it(tmp_path, ti
     assert result.returncode == 0, result.stderr
     bad = lpeft("fit", "--config", config, "--data.roles", "{wizard: ai}")
     assert bad.returncode == 2 and "`roles` maps {'wizard': 'ai'} to no standard role" in error_line(bad)
+
+
+def test_the_bitsandbytes_kernel_fetch_notice_is_not_shown(caplog, monkeypatch):
+    """bitsandbytes' import-time notice that an optional Hub kernel could not be fetched is dropped; its other
+    messages are not."""
+    import logging
+
+    from lightning_peft.cli.guard import drop_kernel_fetch_notice
+
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    monkeypatch.setattr(bnb_logger, "filters", list(bnb_logger.filters))  # undone after the test
+    drop_kernel_fetch_notice()
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        bnb_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "offline")
+        bnb_logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]

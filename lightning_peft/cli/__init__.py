@@ -16,7 +16,7 @@ from lightning_peft.cli.convert import register as _register_convert_command
 from lightning_peft.cli.eval import register as _register_eval_command
 from lightning_peft.cli.find import register as _register_find_commands
 from lightning_peft.cli.generate import register as _register_generate_command
-from lightning_peft.cli.guard import run_guarded
+from lightning_peft.cli.guard import drop_kernel_fetch_notice, run_guarded
 from lightning_peft.cli.hub import register as _register_hub_commands
 from lightning_peft.cli.merge import register as _register_merge_command
 
@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Like `python -m`, let configs name classes of the user's project in the current folder (model.class_path).
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" not in arguments and not os.environ.get("LPEFT_DEBUG"):
+        drop_kernel_fetch_notice()
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if argv is None and command in LIGHTNING_SUBCOMMANDS:
         from lightning_peft.allocator import rerun_on_preferred_allocator

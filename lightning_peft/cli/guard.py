@@ -88,3 +88,17 @@ def configure_logging(debug: bool) -> None:
     # Lightning's own deprecation noise about torch's pytree API is not something a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated")
+
+
+def drop_kernel_fetch_notice() -> None:
+    """Hide bitsandbytes' import-time notice that it could not fetch an optional kernel.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a 4-bit kernel from the Hub and warns when it
+    cannot (offline, or a publisher it does not trust), then uses its own kernel: nothing a user can act on, as the
+    first line of every `lpeft fit`. Installed before any command imports bitsandbytes; `--debug` keeps it.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernel_fetch_notice)
+
+
+def _not_the_kernel_fetch_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
