@@ -366,9 +366,11 @@ def save_options(peft_model: PeftModel) -> dict[str, Any]:
 def _vocabulary_resized(peft_model: PeftModel) -> bool | None:
     """Whether the base has other token rows than its config.json on disk says, or None when there is none."""
     base = peft_model.get_base_model()
-    config_file = Path(getattr(base.config, "_name_or_path", "") or "/nonexistent") / "config.json"
+    folder = getattr(base.config, "_name_or_path", "")
+    if not folder:
+        return None
     try:
-        saved = json.loads(config_file.read_text())
+        saved = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
         return None
     vocab_size = saved.get("vocab_size") or (saved.get("text_config") or {}).get("vocab_size")

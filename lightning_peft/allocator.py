@@ -5,8 +5,8 @@ freed, and smaller ones from its heap, which keeps freed memory for reuse. The t
 rises (up to 32 MiB) whenever a mapped chunk is freed, so once a model is loaded nearly every activation of a
 training step comes from the heap; a forward pass frees temporaries between the tensors it keeps for backward,
 and the holes they leave do not fit the next, larger tensors, so the heap grows instead. Measured with
-`lpeft fit` on SmolLM2 at 8 x 512 tokens (docs/performance.md, "Where lpeft fit's memory goes"): 11.8 GB of peak
-RSS with glibc, 6.7 GB with tcmalloc or oneTBB's scalable allocator, at glibc's speed or better. Making glibc
+`lpeft fit` on SmolLM2 at 8 x 512 tokens (docs/performance.md, "Where lpeft fit's memory goes"): 12.1 GB of peak
+RSS with glibc, 7.1 GB with tcmalloc or oneTBB's scalable allocator, at glibc's speed or better. Making glibc
 return freed memory at once (`MALLOC_MMAP_THRESHOLD_`) or jemalloc reach 6.5 GB too, but page faults then cost
 40% of the throughput.
 

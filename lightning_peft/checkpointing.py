@@ -97,11 +97,11 @@ def enable(model: torch.nn.Module, setting: GradientCheckpointing) -> None:
         model.config.use_cache = False
 
 
-def _recomputed_in_backward(mlp: torch.nn.Module, forward: Any) -> Any:
-    """`forward` keeping only its inputs while training: the backward runs it again (same RNG state)."""
+def _recomputed_in_backward(module: torch.nn.Module, forward: Any) -> Any:
+    """`forward` keeping only its inputs while `module` trains: the backward runs it again (same RNG state)."""
 
     def forward_recomputed_in_backward(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() and mlp.training:
+        if torch.is_grad_enabled() and module.training:
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 
@@ -182,10 +182,5 @@ def _fuse_dropout(dropout: torch.nn.Dropout, lora_a: torch.nn.Module) -> None:
     def dropped_projection(x: torch.Tensor) -> torch.Tensor:
         return project(apply_dropout(x))
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and dropout.training:
-            return checkpoint(dropped_projection, x, use_reentrant=False)
-        return dropped_projection(x)
-
     dropout.forward = lambda x: x  # PEFT still calls it first; the real dropout now runs in lora_a
-    lora_a.forward = forward
+    lora_a.forward = _recomputed_in_backward(dropout, dropped_projection)
